@@ -1,0 +1,469 @@
+//! One blob in the store: its file, which pieces are present, and readers waiting for bytes.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use super::{BlobStore, Result, StoreError};
+use crate::bitfield::Bitfield;
+use crate::digest::{Digest, Hasher};
+use crate::metainfo::{Metainfo, PieceHash};
+
+/// Where a blob is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobState {
+    /// Some pieces are missing.
+    Partial,
+    /// Every piece is present and the whole blob matched its digest.
+    Complete,
+    /// The blob failed its digest check and was deleted; handles to it are dead.
+    Discarded,
+}
+
+/// What [`Blob::write_piece`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PieceWrite {
+    /// The piece is new and now visible.
+    Added,
+    /// The piece was already present (endgame duplicates land here).
+    Duplicate,
+    /// The piece's hash is not known yet, so it cannot be checked: the caller keeps it and
+    /// retries once the metainfo has it.
+    HashUnknown,
+}
+
+#[derive(Debug)]
+pub(super) struct Entry {
+    digest: Digest,
+    size: u64,
+    /// The data file. Stays valid across the rename from `partial/` to `blobs/`.
+    file: File,
+    state: Mutex<EntryState>,
+    /// Bumped whenever a piece lands or the state changes.
+    changed: watch::Sender<u64>,
+}
+
+#[derive(Debug)]
+struct EntryState {
+    meta: Metainfo,
+    have: Bitfield,
+    /// Append-only journal of durable pieces; `None` once complete.
+    journal: Option<File>,
+    status: BlobState,
+}
+
+fn partial_dir(root: &Path, digest: &Digest) -> std::path::PathBuf {
+    root.join("partial").join(digest.hex())
+}
+
+fn complete_path(root: &Path, digest: &Digest) -> std::path::PathBuf {
+    root.join("blobs").join(digest.hex())
+}
+
+fn meta_path(root: &Path, digest: &Digest) -> std::path::PathBuf {
+    root.join("meta").join(format!("{}.json", digest.hex()))
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(StoreError::io("creating", &tmp))?;
+    f.write_all(bytes).map_err(StoreError::io("writing", &tmp))?;
+    f.sync_all().map_err(StoreError::io("syncing", &tmp))?;
+    fs::rename(&tmp, path).map_err(StoreError::io("renaming", path))?;
+    sync_parent(path)
+}
+
+fn sync_parent(path: &Path) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(StoreError::io("syncing directory", dir))
+}
+
+impl Entry {
+    pub(super) fn create_partial(root: &Path, meta: &Metainfo) -> Result<Self> {
+        let digest = meta.digest;
+        // Build the directory under tmp/ and rename it in, so a crash never leaves a half-made
+        // partial blob where `open` would find it.
+        let staging = root.join("tmp").join(format!("{}-{}", digest.hex(), rand::random::<u64>()));
+        fs::create_dir(&staging).map_err(StoreError::io("creating", &staging))?;
+        let layout = Metainfo::empty(digest, meta.size)?;
+        let json = serde_json::to_vec(&layout).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        write_atomic(&staging.join("meta.json"), &json)?;
+        let data_path = staging.join("data");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&data_path)
+            .map_err(StoreError::io("creating", &data_path))?;
+        file.set_len(meta.size).map_err(StoreError::io("sizing", &data_path))?;
+        let journal_path = staging.join("pieces");
+        File::create(&journal_path).map_err(StoreError::io("creating", &journal_path))?;
+        let dest = partial_dir(root, &digest);
+        fs::rename(&staging, &dest).map_err(StoreError::io("renaming", &dest))?;
+        sync_parent(&dest)?;
+        let journal = open_journal(&dest.join("pieces"))?;
+        Ok(Self::new(digest, file, layout.clone(), Bitfield::new(layout.piece_count()), Some(journal)))
+    }
+
+    pub(super) fn load_partial(root: &Path, digest: Digest) -> Result<Self> {
+        let dir = partial_dir(root, &digest);
+        let meta_file = dir.join("meta.json");
+        let json = fs::read(&meta_file).map_err(StoreError::io("reading", &meta_file))?;
+        let meta: Metainfo =
+            serde_json::from_slice(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        meta.validate()?;
+        if meta.digest != digest {
+            return Err(StoreError::Corrupt(format!("{} holds metainfo of {}", dir.display(), meta.digest)));
+        }
+        let data_path = dir.join("data");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&data_path)
+            .map_err(StoreError::io("opening", &data_path))?;
+        let len = file.metadata().map_err(StoreError::io("reading", &data_path))?.len();
+        if len != meta.size {
+            return Err(StoreError::Corrupt(format!("{} is {len} bytes, expected {}", data_path.display(), meta.size)));
+        }
+        let journal_path = dir.join("pieces");
+        let mut have = Bitfield::new(meta.piece_count());
+        let mut raw = Vec::new();
+        File::open(&journal_path)
+            .and_then(|mut f| f.read_to_end(&mut raw))
+            .map_err(StoreError::io("reading", &journal_path))?;
+        // A crash mid-append leaves a torn last entry: drop it, the piece is simply re-fetched.
+        let whole = raw.len() / 4 * 4;
+        for entry in raw[..whole].chunks_exact(4) {
+            let index = u32::from_le_bytes(entry.try_into().expect("chunks of 4"));
+            if index >= meta.piece_count() {
+                return Err(StoreError::Corrupt(format!("journal lists piece {index} of {}", meta.piece_count())));
+            }
+            have.set(index);
+        }
+        let journal = open_journal(&journal_path)?;
+        journal.set_len(whole as u64).map_err(StoreError::io("truncating", &journal_path))?;
+        Ok(Self::new(digest, file, meta, have, Some(journal)))
+    }
+
+    pub(super) fn load_complete(root: &Path, digest: Digest) -> Result<Self> {
+        let path = complete_path(root, &digest);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(StoreError::io("opening", &path))?;
+        let size = file.metadata().map_err(StoreError::io("reading", &path))?.len();
+        let meta = match fs::read(meta_path(root, &digest)) {
+            Ok(json) => serde_json::from_slice::<Metainfo>(&json)
+                .ok()
+                .filter(|m| m.validate().is_ok() && m.digest == digest && m.size == size && m.is_complete()),
+            Err(_) => None,
+        };
+        let meta = match meta {
+            Some(m) => m,
+            None => {
+                // The metainfo can always be derived again from verified content.
+                let meta = hash_file(&file, digest, size, &path)?;
+                let json = serde_json::to_vec(&meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                write_atomic(&meta_path(root, &digest), &json)?;
+                meta
+            }
+        };
+        let have = Bitfield::full(meta.piece_count());
+        let mut entry = Self::new(digest, file, meta, have, None);
+        entry.state.get_mut().unwrap_or_else(|p| p.into_inner()).status = BlobState::Complete;
+        Ok(entry)
+    }
+
+    fn new(digest: Digest, file: File, meta: Metainfo, have: Bitfield, journal: Option<File>) -> Self {
+        let size = meta.size;
+        Self {
+            digest,
+            size,
+            file,
+            state: Mutex::new(EntryState { meta, have, journal, status: BlobState::Partial }),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    pub(super) fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub(super) fn is_complete(&self) -> bool {
+        self.lock().status == BlobState::Complete
+    }
+
+    pub(super) fn have_count(&self) -> u32 {
+        self.lock().have.count()
+    }
+
+    pub(super) fn delete_files(&self, root: &Path) -> Result<()> {
+        let mut st = self.lock();
+        st.status = BlobState::Discarded;
+        st.journal = None;
+        drop(st);
+        self.changed.send_modify(|g| *g += 1);
+        for path in [complete_path(root, &self.digest), meta_path(root, &self.digest)] {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::Io { action: "removing", path, source: e });
+                }
+                _ => {}
+            }
+        }
+        let dir = partial_dir(root, &self.digest);
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StoreError::Io { action: "removing", path: dir, source: e })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, EntryState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn open_journal(path: &Path) -> Result<File> {
+    OpenOptions::new().append(true).open(path).map_err(StoreError::io("opening", path))
+}
+
+/// Hashes a whole file, piece by piece and as a whole, checking it against `digest`.
+fn hash_file(file: &File, digest: Digest, size: u64, path: &Path) -> Result<Metainfo> {
+    let mut meta = Metainfo::empty(digest, size)?;
+    let mut whole = Hasher::new();
+    let mut buf = vec![0u8; meta.piece_size as usize];
+    for index in 0..meta.piece_count() {
+        let range = meta.piece_range(index);
+        let chunk = &mut buf[..(range.end - range.start) as usize];
+        file.read_exact_at(chunk, range.start).map_err(StoreError::io("reading", path))?;
+        whole.update(chunk);
+        meta.set_hash(index, PieceHash::of(chunk))?;
+    }
+    let actual = whole.finish();
+    if actual != digest {
+        return Err(StoreError::DigestMismatch { digest, actual });
+    }
+    Ok(meta)
+}
+
+/// A handle on a blob in the store. While any handle exists the blob is not evicted.
+#[derive(Clone, Debug)]
+pub struct Blob {
+    entry: Arc<Entry>,
+    store: BlobStore,
+}
+
+impl Blob {
+    pub(super) fn new(entry: Arc<Entry>, store: BlobStore) -> Self {
+        Self { entry, store }
+    }
+
+    pub fn digest(&self) -> Digest {
+        self.entry.digest
+    }
+
+    pub fn size(&self) -> u64 {
+        self.entry.size
+    }
+
+    pub fn state(&self) -> BlobState {
+        self.entry.lock().status
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.state() == BlobState::Complete
+    }
+
+    /// The metainfo as this store knows it (hashes of pieces it has or has been told about).
+    pub fn metainfo(&self) -> Metainfo {
+        self.entry.lock().meta.clone()
+    }
+
+    /// Which pieces are present and verified.
+    pub fn have(&self) -> Bitfield {
+        self.entry.lock().have.clone()
+    }
+
+    pub fn has_piece(&self, index: u32) -> bool {
+        self.entry.lock().have.get(index)
+    }
+
+    /// Notified (value bumped) whenever a piece lands or the blob completes or is discarded.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.entry.changed.subscribe()
+    }
+
+    /// Adopts piece hashes from a (possibly partial) metainfo of the same blob.
+    pub fn learn_hashes(&self, other: &Metainfo) -> Result<usize> {
+        let mut st = self.entry.lock();
+        if other.digest != self.entry.digest || other.size != self.entry.size {
+            return Err(StoreError::LayoutConflict {
+                digest: self.entry.digest,
+                have: self.entry.size,
+                want: other.size,
+            });
+        }
+        Ok(st.meta.merge(other)?)
+    }
+
+    /// Checks `data` against the hash of piece `index` and, if it matches, writes it durably
+    /// and makes it visible. `from_upstream` pieces with no known hash define it (they came
+    /// from the registry; the whole-blob digest check at the end still covers them).
+    ///
+    /// Blocking: call from `spawn_blocking` in async code. Completing the last piece hashes the
+    /// whole blob.
+    pub fn write_piece(&self, index: u32, data: &[u8], from_upstream: bool) -> Result<PieceWrite> {
+        let digest = self.entry.digest;
+        let hash = PieceHash::of(data);
+        let offset = {
+            let mut st = self.entry.lock();
+            match st.status {
+                BlobState::Complete => return Ok(PieceWrite::Duplicate),
+                BlobState::Discarded => return Err(StoreError::Discarded { digest }),
+                BlobState::Partial => {}
+            }
+            let count = st.meta.piece_count();
+            if index >= count {
+                return Err(crate::metainfo::MetainfoError::PieceIndex { digest, index, count }.into());
+            }
+            let expected = st.meta.piece_len(index);
+            if data.len() != expected {
+                return Err(StoreError::PieceLength { digest, index, got: data.len(), expected });
+            }
+            if st.have.get(index) {
+                return Ok(PieceWrite::Duplicate);
+            }
+            match st.meta.pieces[index as usize] {
+                Some(known) if known == hash => {}
+                Some(_) => return Err(StoreError::PieceMismatch { digest, index }),
+                None if from_upstream => {
+                    st.meta.set_hash(index, hash)?;
+                }
+                None => return Ok(PieceWrite::HashUnknown),
+            }
+            st.meta.piece_range(index).start
+        };
+        // Verified bytes only: two writers of the same piece write identical bytes.
+        let path = Path::new("<blob data>");
+        self.entry.file.write_all_at(data, offset).map_err(StoreError::io("writing piece to", path))?;
+        self.entry.file.sync_data().map_err(StoreError::io("syncing", path))?;
+
+        let mut st = self.entry.lock();
+        if st.status != BlobState::Partial || !st.have.set(index) {
+            return Ok(PieceWrite::Duplicate);
+        }
+        if let Some(journal) = st.journal.as_mut() {
+            let res = journal.write_all(&index.to_le_bytes()).and_then(|()| journal.sync_data());
+            if let Err(source) = res {
+                st.have.clear(index);
+                return Err(StoreError::Io { action: "journaling piece in", path: partial_dir(self.store.root(), &digest), source });
+            }
+        }
+        let complete = st.have.is_full();
+        drop(st);
+        if complete {
+            self.finish()?;
+        } else {
+            self.entry.changed.send_modify(|g| *g += 1);
+        }
+        Ok(PieceWrite::Added)
+    }
+
+    /// Every piece is present: check the whole blob and move it into `blobs/`.
+    fn finish(&self) -> Result<()> {
+        let digest = self.entry.digest;
+        let root = self.store.root().to_owned();
+        let dir = partial_dir(&root, &digest);
+        let checked = hash_file(&self.entry.file, digest, self.entry.size, &dir.join("data"));
+        let meta = match checked {
+            Ok(meta) => meta,
+            Err(e) => {
+                warn!(%digest, error = %e, "blob failed its digest check; discarding it");
+                self.store.discarded(&digest);
+                self.entry.delete_files(&root)?;
+                return Err(e);
+            }
+        };
+        let json = serde_json::to_vec(&meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        write_atomic(&meta_path(&root, &digest), &json)?;
+        let dest = complete_path(&root, &digest);
+        fs::rename(dir.join("data"), &dest).map_err(StoreError::io("renaming", &dest))?;
+        sync_parent(&dest)?;
+        fs::remove_dir_all(&dir).map_err(StoreError::io("removing", &dir))?;
+        {
+            let mut st = self.entry.lock();
+            st.status = BlobState::Complete;
+            st.journal = None;
+            st.meta = meta;
+        }
+        self.store.completed(digest);
+        self.entry.changed.send_modify(|g| *g += 1);
+        debug!(%digest, "blob complete");
+        Ok(())
+    }
+
+    /// Reads bytes that are present. Errors with `Missing` if any piece of the range is not.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset.saturating_add(buf.len() as u64);
+        let missing = || StoreError::Missing { digest: self.entry.digest, start: offset, end };
+        {
+            let st = self.entry.lock();
+            if end > self.entry.size {
+                return Err(missing());
+            }
+            if st.status == BlobState::Discarded {
+                return Err(StoreError::Discarded { digest: self.entry.digest });
+            }
+            if !st.meta.pieces_for(offset..end).all(|i| st.have.get(i)) {
+                return Err(missing());
+            }
+        }
+        self.entry
+            .file
+            .read_exact_at(buf, offset)
+            .map_err(StoreError::io("reading", Path::new("<blob data>")))
+    }
+
+    /// Reads one whole piece (for serving it to a peer).
+    pub fn read_piece(&self, index: u32) -> Result<Vec<u8>> {
+        let range = {
+            let st = self.entry.lock();
+            if index >= st.meta.piece_count() {
+                return Err(StoreError::Missing { digest: self.entry.digest, start: u64::MAX, end: u64::MAX });
+            }
+            st.meta.piece_range(index)
+        };
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        self.read_at(range.start, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Waits until every byte of `range` is present (or the blob is discarded).
+    pub async fn wait_range(&self, range: Range<u64>) -> Result<()> {
+        let mut rx = self.subscribe();
+        loop {
+            {
+                let st = self.entry.lock();
+                if st.status == BlobState::Discarded {
+                    return Err(StoreError::Discarded { digest: self.entry.digest });
+                }
+                if st.meta.pieces_for(range.clone()).all(|i| st.have.get(i)) {
+                    return Ok(());
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(StoreError::Discarded { digest: self.entry.digest });
+            }
+        }
+    }
+}
