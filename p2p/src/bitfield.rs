@@ -10,7 +10,11 @@ pub struct Bitfield {
 
 impl Bitfield {
     pub fn new(len: u32) -> Self {
-        Self { words: vec![0; (len as usize).div_ceil(64)], len, ones: 0 }
+        Self {
+            words: vec![0; (len as usize).div_ceil(64)],
+            len,
+            ones: 0,
+        }
     }
 
     pub fn full(len: u32) -> Self {

@@ -56,7 +56,9 @@ impl FromStr for Digest {
             return Err(DigestError::Algorithm(truncate(s)));
         };
         let valid = hex_part.len() == 64
-            && hex_part.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            && hex_part
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !valid {
             return Err(DigestError::Encoding(truncate(s)));
         }
@@ -129,7 +131,10 @@ mod tests {
     fn parses_and_prints_round_trip() -> anyhow::Result<()> {
         let d = Digest::of(b"hello");
         let s = d.to_string();
-        assert_eq!(s, "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
+        assert_eq!(
+            s,
+            "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
         assert_eq!(s.parse::<Digest>()?, d);
         assert_eq!(Digest::from_hex(&d.hex())?, d);
         Ok(())

@@ -38,12 +38,28 @@ pub enum MetainfoError {
     TooLarge { size: u64 },
     #[error("piece size {piece_size} is not a power of two in {MIN_PIECE_SIZE}..={MAX_PIECE_SIZE}")]
     PieceSize { piece_size: u32 },
-    #[error("blob of {size} bytes with {piece_size}-byte pieces has {expected} pieces, metainfo lists {listed}")]
-    PieceCount { size: u64, piece_size: u32, expected: u64, listed: usize },
+    #[error(
+        "blob of {size} bytes with {piece_size}-byte pieces has {expected} pieces, metainfo lists {listed}"
+    )]
+    PieceCount {
+        size: u64,
+        piece_size: u32,
+        expected: u64,
+        listed: usize,
+    },
     #[error("piece {index} of {digest} already has hash {known}, refusing {offered}")]
-    HashConflict { digest: Digest, index: u32, known: String, offered: String },
+    HashConflict {
+        digest: Digest,
+        index: u32,
+        known: String,
+        offered: String,
+    },
     #[error("piece index {index} is out of range for {digest} ({count} pieces)")]
-    PieceIndex { digest: Digest, index: u32, count: u32 },
+    PieceIndex {
+        digest: Digest,
+        index: u32,
+        count: u32,
+    },
 }
 
 /// The layout and piece hashes of one blob.
@@ -101,13 +117,22 @@ impl Metainfo {
         }
         let piece_size = piece_size_for(size);
         let count = size.div_ceil(u64::from(piece_size)) as usize;
-        Ok(Self { digest, size, piece_size, pieces: vec![None; count] })
+        Ok(Self {
+            digest,
+            size,
+            piece_size,
+            pieces: vec![None; count],
+        })
     }
 
     /// The complete metainfo of `data`, hashing every piece.
     pub fn of_bytes(digest: Digest, data: &[u8]) -> Result<Self, MetainfoError> {
         let mut info = Self::empty(digest, data.len() as u64)?;
-        for (slot, chunk) in info.pieces.iter_mut().zip(data.chunks(info.piece_size as usize)) {
+        for (slot, chunk) in info
+            .pieces
+            .iter_mut()
+            .zip(data.chunks(info.piece_size as usize))
+        {
             *slot = Some(PieceHash::of(chunk));
         }
         Ok(info)
@@ -172,11 +197,14 @@ impl Metainfo {
     /// a conflict (upstream changed under us, or someone lies) and is refused.
     pub fn set_hash(&mut self, index: u32, hash: PieceHash) -> Result<bool, MetainfoError> {
         let count = self.piece_count();
-        let slot = self.pieces.get_mut(index as usize).ok_or(MetainfoError::PieceIndex {
-            digest: self.digest,
-            index,
-            count,
-        })?;
+        let slot = self
+            .pieces
+            .get_mut(index as usize)
+            .ok_or(MetainfoError::PieceIndex {
+                digest: self.digest,
+                index,
+                count,
+            })?;
         match slot {
             Some(known) if *known == hash => Ok(false),
             Some(known) => Err(MetainfoError::HashConflict {
@@ -239,12 +267,21 @@ mod tests {
     fn rejects_inconsistent_or_absurd_metainfo() -> anyhow::Result<()> {
         let mut info = Metainfo::empty(Digest::of(b"x"), 10 << 20)?;
         info.pieces.pop();
-        assert!(matches!(info.validate(), Err(MetainfoError::PieceCount { .. })));
+        assert!(matches!(
+            info.validate(),
+            Err(MetainfoError::PieceCount { .. })
+        ));
         let mut info = Metainfo::empty(Digest::of(b"x"), 10 << 20)?;
         info.piece_size = 3 << 20;
-        assert!(matches!(info.validate(), Err(MetainfoError::PieceSize { .. })));
+        assert!(matches!(
+            info.validate(),
+            Err(MetainfoError::PieceSize { .. })
+        ));
         info.piece_size = 1;
-        assert!(matches!(info.validate(), Err(MetainfoError::PieceSize { .. })));
+        assert!(matches!(
+            info.validate(),
+            Err(MetainfoError::PieceSize { .. })
+        ));
         assert!(Metainfo::empty(Digest::of(b"x"), u64::MAX).is_err());
         let absurd = Metainfo {
             digest: Digest::of(b"x"),
@@ -262,8 +299,14 @@ mod tests {
         let h = PieceHash::of(b"a");
         assert!(info.set_hash(1, h)?);
         assert!(!info.set_hash(1, h)?);
-        assert!(matches!(info.set_hash(1, PieceHash::of(b"b")), Err(MetainfoError::HashConflict { .. })));
-        assert!(matches!(info.set_hash(3, h), Err(MetainfoError::PieceIndex { .. })));
+        assert!(matches!(
+            info.set_hash(1, PieceHash::of(b"b")),
+            Err(MetainfoError::HashConflict { .. })
+        ));
+        assert!(matches!(
+            info.set_hash(3, h),
+            Err(MetainfoError::PieceIndex { .. })
+        ));
         let mut other = Metainfo::empty(Digest::of(b"x"), 3 << 20)?;
         assert_eq!(other.merge(&info)?, 1);
         assert_eq!(other.known_hashes(), 1);

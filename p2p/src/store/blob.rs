@@ -74,7 +74,8 @@ fn meta_path(root: &Path, digest: &Digest) -> std::path::PathBuf {
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp).map_err(StoreError::io("creating", &tmp))?;
-    f.write_all(bytes).map_err(StoreError::io("writing", &tmp))?;
+    f.write_all(bytes)
+        .map_err(StoreError::io("writing", &tmp))?;
     f.sync_all().map_err(StoreError::io("syncing", &tmp))?;
     fs::rename(&tmp, path).map_err(StoreError::io("renaming", path))?;
     sync_parent(path)
@@ -82,7 +83,9 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 fn sync_parent(path: &Path) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    File::open(dir).and_then(|d| d.sync_all()).map_err(StoreError::io("syncing directory", dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io("syncing directory", dir))
 }
 
 impl Entry {
@@ -90,7 +93,9 @@ impl Entry {
         let digest = meta.digest;
         // Build the directory under tmp/ and rename it in, so a crash never leaves a half-made
         // partial blob where `open` would find it.
-        let staging = root.join("tmp").join(format!("{}-{}", digest.hex(), rand::random::<u64>()));
+        let staging = root
+            .join("tmp")
+            .join(format!("{}-{}", digest.hex(), rand::random::<u64>()));
         fs::create_dir(&staging).map_err(StoreError::io("creating", &staging))?;
         let layout = Metainfo::empty(digest, meta.size)?;
         let json = serde_json::to_vec(&layout).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -102,14 +107,21 @@ impl Entry {
             .create_new(true)
             .open(&data_path)
             .map_err(StoreError::io("creating", &data_path))?;
-        file.set_len(meta.size).map_err(StoreError::io("sizing", &data_path))?;
+        file.set_len(meta.size)
+            .map_err(StoreError::io("sizing", &data_path))?;
         let journal_path = staging.join("pieces");
         File::create(&journal_path).map_err(StoreError::io("creating", &journal_path))?;
         let dest = partial_dir(root, &digest);
         fs::rename(&staging, &dest).map_err(StoreError::io("renaming", &dest))?;
         sync_parent(&dest)?;
         let journal = open_journal(&dest.join("pieces"))?;
-        Ok(Self::new(digest, file, layout.clone(), Bitfield::new(layout.piece_count()), Some(journal)))
+        Ok(Self::new(
+            digest,
+            file,
+            layout.clone(),
+            Bitfield::new(layout.piece_count()),
+            Some(journal),
+        ))
     }
 
     pub(super) fn load_partial(root: &Path, digest: Digest) -> Result<Self> {
@@ -120,7 +132,11 @@ impl Entry {
             serde_json::from_slice(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         meta.validate()?;
         if meta.digest != digest {
-            return Err(StoreError::Corrupt(format!("{} holds metainfo of {}", dir.display(), meta.digest)));
+            return Err(StoreError::Corrupt(format!(
+                "{} holds metainfo of {}",
+                dir.display(),
+                meta.digest
+            )));
         }
         let data_path = dir.join("data");
         let file = OpenOptions::new()
@@ -128,9 +144,16 @@ impl Entry {
             .write(true)
             .open(&data_path)
             .map_err(StoreError::io("opening", &data_path))?;
-        let len = file.metadata().map_err(StoreError::io("reading", &data_path))?.len();
+        let len = file
+            .metadata()
+            .map_err(StoreError::io("reading", &data_path))?
+            .len();
         if len != meta.size {
-            return Err(StoreError::Corrupt(format!("{} is {len} bytes, expected {}", data_path.display(), meta.size)));
+            return Err(StoreError::Corrupt(format!(
+                "{} is {len} bytes, expected {}",
+                data_path.display(),
+                meta.size
+            )));
         }
         let journal_path = dir.join("pieces");
         let mut have = Bitfield::new(meta.piece_count());
@@ -143,12 +166,17 @@ impl Entry {
         for entry in raw[..whole].chunks_exact(4) {
             let index = u32::from_le_bytes(entry.try_into().expect("chunks of 4"));
             if index >= meta.piece_count() {
-                return Err(StoreError::Corrupt(format!("journal lists piece {index} of {}", meta.piece_count())));
+                return Err(StoreError::Corrupt(format!(
+                    "journal lists piece {index} of {}",
+                    meta.piece_count()
+                )));
             }
             have.set(index);
         }
         let journal = open_journal(&journal_path)?;
-        journal.set_len(whole as u64).map_err(StoreError::io("truncating", &journal_path))?;
+        journal
+            .set_len(whole as u64)
+            .map_err(StoreError::io("truncating", &journal_path))?;
         Ok(Self::new(digest, file, meta, have, Some(journal)))
     }
 
@@ -159,11 +187,14 @@ impl Entry {
             .write(true)
             .open(&path)
             .map_err(StoreError::io("opening", &path))?;
-        let size = file.metadata().map_err(StoreError::io("reading", &path))?.len();
+        let size = file
+            .metadata()
+            .map_err(StoreError::io("reading", &path))?
+            .len();
         let meta = match fs::read(meta_path(root, &digest)) {
-            Ok(json) => serde_json::from_slice::<Metainfo>(&json)
-                .ok()
-                .filter(|m| m.validate().is_ok() && m.digest == digest && m.size == size && m.is_complete()),
+            Ok(json) => serde_json::from_slice::<Metainfo>(&json).ok().filter(|m| {
+                m.validate().is_ok() && m.digest == digest && m.size == size && m.is_complete()
+            }),
             Err(_) => None,
         };
         let meta = match meta {
@@ -171,24 +202,40 @@ impl Entry {
             None => {
                 // The metainfo can always be derived again from verified content.
                 let meta = hash_file(&file, digest, size, &path)?;
-                let json = serde_json::to_vec(&meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let json =
+                    serde_json::to_vec(&meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 write_atomic(&meta_path(root, &digest), &json)?;
                 meta
             }
         };
         let have = Bitfield::full(meta.piece_count());
         let mut entry = Self::new(digest, file, meta, have, None);
-        entry.state.get_mut().unwrap_or_else(|p| p.into_inner()).status = BlobState::Complete;
+        entry
+            .state
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .status = BlobState::Complete;
         Ok(entry)
     }
 
-    fn new(digest: Digest, file: File, meta: Metainfo, have: Bitfield, journal: Option<File>) -> Self {
+    fn new(
+        digest: Digest,
+        file: File,
+        meta: Metainfo,
+        have: Bitfield,
+        journal: Option<File>,
+    ) -> Self {
         let size = meta.size;
         Self {
             digest,
             size,
             file,
-            state: Mutex::new(EntryState { meta, have, journal, status: BlobState::Partial }),
+            state: Mutex::new(EntryState {
+                meta,
+                have,
+                journal,
+                status: BlobState::Partial,
+            }),
             changed: watch::channel(0).0,
         }
     }
@@ -211,19 +258,28 @@ impl Entry {
         st.journal = None;
         drop(st);
         self.changed.send_modify(|g| *g += 1);
-        for path in [complete_path(root, &self.digest), meta_path(root, &self.digest)] {
+        for path in [
+            complete_path(root, &self.digest),
+            meta_path(root, &self.digest),
+        ] {
             match fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(StoreError::Io { action: "removing", path, source: e });
+                    return Err(StoreError::Io {
+                        action: "removing",
+                        path,
+                        source: e,
+                    });
                 }
                 _ => {}
             }
         }
         let dir = partial_dir(root, &self.digest);
         match fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(StoreError::Io { action: "removing", path: dir, source: e })
-            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io {
+                action: "removing",
+                path: dir,
+                source: e,
+            }),
             _ => Ok(()),
         }
     }
@@ -234,7 +290,10 @@ impl Entry {
 }
 
 fn open_journal(path: &Path) -> Result<File> {
-    OpenOptions::new().append(true).open(path).map_err(StoreError::io("opening", path))
+    OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(StoreError::io("opening", path))
 }
 
 /// Hashes a whole file, piece by piece and as a whole, checking it against `digest`.
@@ -245,7 +304,8 @@ fn hash_file(file: &File, digest: Digest, size: u64, path: &Path) -> Result<Meta
     for index in 0..meta.piece_count() {
         let range = meta.piece_range(index);
         let chunk = &mut buf[..(range.end - range.start) as usize];
-        file.read_exact_at(chunk, range.start).map_err(StoreError::io("reading", path))?;
+        file.read_exact_at(chunk, range.start)
+            .map_err(StoreError::io("reading", path))?;
         whole.update(chunk);
         meta.set_hash(index, PieceHash::of(chunk))?;
     }
@@ -334,11 +394,21 @@ impl Blob {
             }
             let count = st.meta.piece_count();
             if index >= count {
-                return Err(crate::metainfo::MetainfoError::PieceIndex { digest, index, count }.into());
+                return Err(crate::metainfo::MetainfoError::PieceIndex {
+                    digest,
+                    index,
+                    count,
+                }
+                .into());
             }
             let expected = st.meta.piece_len(index);
             if data.len() != expected {
-                return Err(StoreError::PieceLength { digest, index, got: data.len(), expected });
+                return Err(StoreError::PieceLength {
+                    digest,
+                    index,
+                    got: data.len(),
+                    expected,
+                });
             }
             if st.have.get(index) {
                 return Ok(PieceWrite::Duplicate);
@@ -355,18 +425,30 @@ impl Blob {
         };
         // Verified bytes only: two writers of the same piece write identical bytes.
         let path = Path::new("<blob data>");
-        self.entry.file.write_all_at(data, offset).map_err(StoreError::io("writing piece to", path))?;
-        self.entry.file.sync_data().map_err(StoreError::io("syncing", path))?;
+        self.entry
+            .file
+            .write_all_at(data, offset)
+            .map_err(StoreError::io("writing piece to", path))?;
+        self.entry
+            .file
+            .sync_data()
+            .map_err(StoreError::io("syncing", path))?;
 
         let mut st = self.entry.lock();
         if st.status != BlobState::Partial || !st.have.set(index) {
             return Ok(PieceWrite::Duplicate);
         }
         if let Some(journal) = st.journal.as_mut() {
-            let res = journal.write_all(&index.to_le_bytes()).and_then(|()| journal.sync_data());
+            let res = journal
+                .write_all(&index.to_le_bytes())
+                .and_then(|()| journal.sync_data());
             if let Err(source) = res {
                 st.have.clear(index);
-                return Err(StoreError::Io { action: "journaling piece in", path: partial_dir(self.store.root(), &digest), source });
+                return Err(StoreError::Io {
+                    action: "journaling piece in",
+                    path: partial_dir(self.store.root(), &digest),
+                    source,
+                });
             }
         }
         let complete = st.have.is_full();
@@ -415,14 +497,20 @@ impl Blob {
     /// Reads bytes that are present. Errors with `Missing` if any piece of the range is not.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset.saturating_add(buf.len() as u64);
-        let missing = || StoreError::Missing { digest: self.entry.digest, start: offset, end };
+        let missing = || StoreError::Missing {
+            digest: self.entry.digest,
+            start: offset,
+            end,
+        };
         {
             let st = self.entry.lock();
             if end > self.entry.size {
                 return Err(missing());
             }
             if st.status == BlobState::Discarded {
-                return Err(StoreError::Discarded { digest: self.entry.digest });
+                return Err(StoreError::Discarded {
+                    digest: self.entry.digest,
+                });
             }
             if !st.meta.pieces_for(offset..end).all(|i| st.have.get(i)) {
                 return Err(missing());
@@ -439,7 +527,11 @@ impl Blob {
         let range = {
             let st = self.entry.lock();
             if index >= st.meta.piece_count() {
-                return Err(StoreError::Missing { digest: self.entry.digest, start: u64::MAX, end: u64::MAX });
+                return Err(StoreError::Missing {
+                    digest: self.entry.digest,
+                    start: u64::MAX,
+                    end: u64::MAX,
+                });
             }
             st.meta.piece_range(index)
         };
@@ -455,14 +547,18 @@ impl Blob {
             {
                 let st = self.entry.lock();
                 if st.status == BlobState::Discarded {
-                    return Err(StoreError::Discarded { digest: self.entry.digest });
+                    return Err(StoreError::Discarded {
+                        digest: self.entry.digest,
+                    });
                 }
                 if st.meta.pieces_for(range.clone()).all(|i| st.have.get(i)) {
                     return Ok(());
                 }
             }
             if rx.changed().await.is_err() {
-                return Err(StoreError::Discarded { digest: self.entry.digest });
+                return Err(StoreError::Discarded {
+                    digest: self.entry.digest,
+                });
             }
         }
     }

@@ -48,13 +48,26 @@ pub enum StoreError {
     #[error("piece {index} of {digest} does not match its hash")]
     PieceMismatch { digest: Digest, index: u32 },
     #[error("piece {index} of {digest} has {got} bytes, expected {expected}")]
-    PieceLength { digest: Digest, index: u32, got: usize, expected: usize },
+    PieceLength {
+        digest: Digest,
+        index: u32,
+        got: usize,
+        expected: usize,
+    },
     #[error("blob {digest} hashes to {actual}: discarded")]
     DigestMismatch { digest: Digest, actual: Digest },
     #[error("blob {digest} has a different layout than requested (size {have} vs {want})")]
-    LayoutConflict { digest: Digest, have: u64, want: u64 },
+    LayoutConflict {
+        digest: Digest,
+        have: u64,
+        want: u64,
+    },
     #[error("bytes {start}..{end} of {digest} are not in the store")]
-    Missing { digest: Digest, start: u64, end: u64 },
+    Missing {
+        digest: Digest,
+        start: u64,
+        end: u64,
+    },
     #[error("blob {digest} was discarded while being read")]
     Discarded { digest: Digest },
     #[error("reading blob store state: {0}")]
@@ -66,7 +79,11 @@ impl StoreError {
         action: &'static str,
         path: &'a Path,
     ) -> impl FnOnce(io::Error) -> StoreError + 'a {
-        move |source| StoreError::Io { action, path: path.to_owned(), source }
+        move |source| StoreError::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 
@@ -114,8 +131,10 @@ impl BlobStore {
         fs::remove_dir_all(&tmp).map_err(StoreError::io("clearing", &tmp))?;
         fs::create_dir_all(&tmp).map_err(StoreError::io("creating", &tmp))?;
 
-        let mut state =
-            State { blobs: HashMap::new(), lru: LruCache::unbounded() };
+        let mut state = State {
+            blobs: HashMap::new(),
+            lru: LruCache::unbounded(),
+        };
         for (digest, path) in list_hex_names(&root.join("blobs"))? {
             match blob::Entry::load_complete(&root, digest) {
                 Ok(entry) => {
@@ -141,7 +160,11 @@ impl BlobStore {
             }
         }
         Ok(Self {
-            inner: Arc::new(Inner { root, capacity: config.capacity, state: Mutex::new(state) }),
+            inner: Arc::new(Inner {
+                root,
+                capacity: config.capacity,
+                state: Mutex::new(state),
+            }),
         })
     }
 
@@ -185,7 +208,12 @@ impl BlobStore {
     /// Digests of complete blobs.
     pub fn complete_blobs(&self) -> Vec<Digest> {
         let state = self.lock();
-        state.blobs.iter().filter(|(_, e)| e.is_complete()).map(|(d, _)| *d).collect()
+        state
+            .blobs
+            .iter()
+            .filter(|(_, e)| e.is_complete())
+            .map(|(d, _)| *d)
+            .collect()
     }
 
     /// Bytes on disk: complete blobs plus the full size of partial ones (their files are sparse
@@ -197,7 +225,9 @@ impl BlobStore {
     /// Removes a blob (complete or partial) unless someone is using it. Returns whether it went.
     pub fn remove(&self, digest: &Digest) -> Result<bool> {
         let mut state = self.lock();
-        let Some(entry) = state.blobs.get(digest) else { return Ok(false) };
+        let Some(entry) = state.blobs.get(digest) else {
+            return Ok(false);
+        };
         if Arc::strong_count(entry) > 1 {
             return Ok(false);
         }
@@ -214,7 +244,9 @@ impl BlobStore {
         let mut used: u64 = state.blobs.values().map(|e| e.size()).sum();
         let mut skipped = Vec::new();
         while used + incoming > self.inner.capacity {
-            let Some((digest, ())) = state.lru.pop_lru() else { break };
+            let Some((digest, ())) = state.lru.pop_lru() else {
+                break;
+            };
             let entry = &state.blobs[&digest];
             if Arc::strong_count(entry) > 1 {
                 skipped.push(digest);
@@ -232,7 +264,12 @@ impl BlobStore {
             state.lru.demote(&digest);
         }
         if used + incoming > self.inner.capacity {
-            warn!(used, incoming, capacity = self.inner.capacity, "blob store over its cap: every blob is in use");
+            warn!(
+                used,
+                incoming,
+                capacity = self.inner.capacity,
+                "blob store over its cap: every blob is in use"
+            );
         }
     }
 

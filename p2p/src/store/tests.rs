@@ -8,11 +8,16 @@ use super::*;
 use crate::metainfo::PieceHash;
 
 fn blob_bytes(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
 }
 
 fn open(dir: &Path, capacity: u64) -> Result<BlobStore> {
-    BlobStore::open(&StoreConfig { root: dir.to_owned(), capacity })
+    BlobStore::open(&StoreConfig {
+        root: dir.to_owned(),
+        capacity,
+    })
 }
 
 fn piece<'a>(meta: &Metainfo, data: &'a [u8], i: u32) -> &'a [u8] {
@@ -30,23 +35,41 @@ fn pieces_are_verified_and_blob_completes() -> anyhow::Result<()> {
 
     let mut bad = piece(&meta, &data, 1).to_vec();
     bad[5] ^= 1;
-    assert!(matches!(blob.write_piece(1, &bad, false), Err(StoreError::PieceMismatch { index: 1, .. })));
+    assert!(matches!(
+        blob.write_piece(1, &bad, false),
+        Err(StoreError::PieceMismatch { index: 1, .. })
+    ));
     assert!(!blob.has_piece(1));
-    assert!(matches!(blob.write_piece(1, &bad[1..], false), Err(StoreError::PieceLength { .. })));
+    assert!(matches!(
+        blob.write_piece(1, &bad[1..], false),
+        Err(StoreError::PieceLength { .. })
+    ));
     assert!(blob.write_piece(9, &bad, false).is_err());
 
     for i in [3, 0, 2] {
-        assert_eq!(blob.write_piece(i, piece(&meta, &data, i), false)?, PieceWrite::Added);
+        assert_eq!(
+            blob.write_piece(i, piece(&meta, &data, i), false)?,
+            PieceWrite::Added
+        );
     }
-    assert_eq!(blob.write_piece(0, piece(&meta, &data, 0), false)?, PieceWrite::Duplicate);
+    assert_eq!(
+        blob.write_piece(0, piece(&meta, &data, 0), false)?,
+        PieceWrite::Duplicate
+    );
     let mut buf = vec![0u8; 10];
-    assert!(matches!(blob.read_at((1 << 20) - 5, &mut buf), Err(StoreError::Missing { .. })));
+    assert!(matches!(
+        blob.read_at((1 << 20) - 5, &mut buf),
+        Err(StoreError::Missing { .. })
+    ));
     blob.read_at(5, &mut buf)?;
     assert_eq!(buf, data[5..15]);
     assert!(!blob.is_complete());
     blob.write_piece(1, piece(&meta, &data, 1), false)?;
     assert!(blob.is_complete());
-    assert_eq!(std::fs::read(dir.path().join("blobs").join(meta.digest.hex()))?, data);
+    assert_eq!(
+        std::fs::read(dir.path().join("blobs").join(meta.digest.hex()))?,
+        data
+    );
     assert!(!dir.path().join("partial").join(meta.digest.hex()).exists());
     Ok(())
 }
@@ -63,11 +86,20 @@ fn partial_blob_resumes_after_reopen() -> anyhow::Result<()> {
         blob.write_piece(3, piece(&meta, &data, 3), false)?;
     }
     // A torn journal append, as a crash would leave it.
-    let journal = dir.path().join("partial").join(meta.digest.hex()).join("pieces");
-    std::fs::OpenOptions::new().append(true).open(&journal)?.write_all(&[4, 0])?;
+    let journal = dir
+        .path()
+        .join("partial")
+        .join(meta.digest.hex())
+        .join("pieces");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&journal)?
+        .write_all(&[4, 0])?;
 
     let store = open(dir.path(), u64::MAX)?;
-    let blob = store.get(&meta.digest).ok_or_else(|| anyhow::anyhow!("partial blob lost"))?;
+    let blob = store
+        .get(&meta.digest)
+        .ok_or_else(|| anyhow::anyhow!("partial blob lost"))?;
     assert_eq!(blob.have().iter_ones().collect::<Vec<_>>(), vec![0, 3]);
     blob.learn_hashes(&meta)?;
     for i in [1, 2, 4] {
@@ -76,7 +108,9 @@ fn partial_blob_resumes_after_reopen() -> anyhow::Result<()> {
     assert!(blob.is_complete());
     drop(blob);
     let store = open(dir.path(), u64::MAX)?;
-    let blob = store.get(&meta.digest).ok_or_else(|| anyhow::anyhow!("complete blob lost"))?;
+    let blob = store
+        .get(&meta.digest)
+        .ok_or_else(|| anyhow::anyhow!("complete blob lost"))?;
     assert!(blob.is_complete());
     assert_eq!(blob.read_piece(4)?, piece(&meta, &data, 4));
     Ok(())
@@ -105,7 +139,10 @@ fn blob_failing_its_digest_is_discarded() -> anyhow::Result<()> {
     let blob = store.open_blob(&Metainfo::empty(wrong_digest, data.len() as u64)?)?;
     blob.write_piece(0, &data[..1 << 20], true)?;
     let res = blob.write_piece(1, &data[1 << 20..], true);
-    assert!(matches!(res, Err(StoreError::DigestMismatch { .. })), "{res:?}");
+    assert!(
+        matches!(res, Err(StoreError::DigestMismatch { .. })),
+        "{res:?}"
+    );
     assert_eq!(blob.state(), BlobState::Discarded);
     assert!(store.get(&wrong_digest).is_none());
     assert!(!dir.path().join("partial").join(wrong_digest.hex()).exists());
@@ -148,7 +185,9 @@ fn unused_blobs_are_evicted_oldest_first() -> anyhow::Result<()> {
     }
     // 6 MiB wanted, 5 MiB allowed: the first blob went when the third arrived.
     assert!(store.get(&metas[0].digest).is_none());
-    let held = store.get(&metas[1].digest).ok_or_else(|| anyhow::anyhow!("blob 1 evicted"))?;
+    let held = store
+        .get(&metas[1].digest)
+        .ok_or_else(|| anyhow::anyhow!("blob 1 evicted"))?;
     let data = blob_bytes(2 << 20, 20);
     store.open_blob(&Metainfo::of_bytes(Digest::of(&data), &data)?)?;
     // Blob 1 is held by a handle, so blob 2 is evicted instead.

@@ -1,0 +1,69 @@
+//! A token bucket shared by all connections of a node, for its ingress and egress caps.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Bytes per second with a burst of one second's worth (at least one maximal piece).
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: Option<f64>,
+    burst: f64,
+    bucket: Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    /// `bytes_per_sec == 0` means unlimited.
+    pub fn new(bytes_per_sec: u64) -> Self {
+        let rate = (bytes_per_sec > 0).then_some(bytes_per_sec as f64);
+        let burst = (bytes_per_sec as f64).max(crate::metainfo::MAX_PIECE_SIZE as f64);
+        Self {
+            rate,
+            burst,
+            bucket: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    /// Waits until `bytes` may pass. Debt is allowed, so one large piece never waits forever.
+    pub async fn acquire(&self, bytes: usize) {
+        let Some(rate) = self.rate else { return };
+        let wait = {
+            let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let (tokens, last) = *b;
+            let refilled = (tokens + now.duration_since(last).as_secs_f64() * rate).min(self.burst);
+            let left = refilled - bytes as f64;
+            *b = (left, now);
+            if left >= 0.0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs_f64(-left / rate)
+            }
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn holds_the_average_rate() {
+        let limiter = RateLimiter::new(1 << 20);
+        let start = tokio::time::Instant::now();
+        // 16 MiB burst first, then 8 MiB more at 1 MiB/s.
+        for _ in 0..24 {
+            limiter.acquire(1 << 20).await;
+        }
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(7) && elapsed <= Duration::from_secs(9),
+            "{elapsed:?}"
+        );
+        RateLimiter::new(0).acquire(usize::MAX).await;
+    }
+}

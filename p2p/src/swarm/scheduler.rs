@@ -1,0 +1,246 @@
+//! Which piece to ask whom for: rarest first with random ties, readers' pieces ahead of all,
+//! and an endgame that lets the last pieces be requested from a second peer.
+//!
+//! Pure bookkeeping, no I/O: the torrent actor tells it what peers have and what is in flight,
+//! and asks it for the next piece to request from a given peer or from upstream.
+
+use std::collections::BTreeSet;
+
+use rand::Rng;
+
+use crate::bitfield::Bitfield;
+
+/// Most outstanding requests for one piece during the endgame.
+const ENDGAME_DUPLICATES: u8 = 2;
+
+#[derive(Debug)]
+pub struct Scheduler {
+    have: Bitfield,
+    /// How many connected peers have each piece.
+    avail: Vec<u16>,
+    /// Outstanding requests (to peers or upstream) per piece.
+    requested: Vec<u8>,
+    /// Pieces received but not yet stored: being written, or held until their hash is known.
+    pending: Bitfield,
+    /// Pieces a reader is waiting for.
+    priority: BTreeSet<u32>,
+}
+
+impl Scheduler {
+    pub fn new(have: Bitfield) -> Self {
+        let n = have.len() as usize;
+        Self {
+            avail: vec![0; n],
+            requested: vec![0; n],
+            pending: Bitfield::new(have.len()),
+            priority: BTreeSet::new(),
+            have,
+        }
+    }
+
+    pub fn have(&self) -> &Bitfield {
+        &self.have
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.have.is_full()
+    }
+
+    pub fn availability(&self, index: u32) -> u16 {
+        self.avail.get(index as usize).copied().unwrap_or(0)
+    }
+
+    pub fn peer_added(&mut self, has: &Bitfield) {
+        for i in has.iter_ones() {
+            self.avail[i as usize] = self.avail[i as usize].saturating_add(1);
+        }
+    }
+
+    pub fn peer_removed(&mut self, has: &Bitfield) {
+        for i in has.iter_ones() {
+            self.avail[i as usize] = self.avail[i as usize].saturating_sub(1);
+        }
+    }
+
+    pub fn peer_has(&mut self, index: u32) {
+        if let Some(a) = self.avail.get_mut(index as usize) {
+            *a = a.saturating_add(1);
+        }
+    }
+
+    pub fn requested(&mut self, index: u32) {
+        self.requested[index as usize] = self.requested[index as usize].saturating_add(1);
+    }
+
+    /// A request ended (answered, rejected, timed out, or its peer left).
+    pub fn request_done(&mut self, index: u32) {
+        if let Some(r) = self.requested.get_mut(index as usize) {
+            *r = r.saturating_sub(1);
+        }
+    }
+
+    pub fn set_pending(&mut self, index: u32, pending: bool) {
+        if pending {
+            self.pending.set(index);
+        } else {
+            self.pending.clear(index);
+        }
+    }
+
+    pub fn got(&mut self, index: u32) {
+        self.have.set(index);
+        self.pending.clear(index);
+        self.priority.remove(&index);
+    }
+
+    /// Readers want these pieces first.
+    pub fn prioritize(&mut self, pieces: std::ops::Range<u32>) {
+        for i in pieces.filter(|&i| i < self.have.len() && !self.have.get(i)) {
+            self.priority.insert(i);
+        }
+    }
+
+    fn wanted(&self, i: u32) -> bool {
+        !self.have.get(i) && !self.pending.get(i)
+    }
+
+    /// Every missing piece is already requested or pending: time for the endgame.
+    fn in_endgame(&self) -> bool {
+        (0..self.have.len()).all(|i| !self.wanted(i) || self.requested[i as usize] > 0)
+    }
+
+    /// The next piece to request from a peer that has `peer_has`, skipping pieces for which
+    /// `skip` is true (already in flight to that peer, or recently rejected by it).
+    pub fn pick_for_peer(&self, peer_has: &Bitfield, skip: impl Fn(u32) -> bool) -> Option<u32> {
+        let eligible = |i: u32| peer_has.get(i) && self.wanted(i) && !skip(i);
+        if let Some(&i) = self
+            .priority
+            .iter()
+            .find(|&&i| eligible(i) && self.requested[i as usize] == 0)
+        {
+            return Some(i);
+        }
+        if let Some(i) = self.rarest(|i| eligible(i) && self.requested[i as usize] == 0) {
+            return Some(i);
+        }
+        if self.in_endgame() {
+            return self.rarest(|i| eligible(i) && self.requested[i as usize] < ENDGAME_DUPLICATES);
+        }
+        None
+    }
+
+    /// The next piece to fetch from upstream: one no connected peer has and nobody is fetching,
+    /// readers' pieces first, then in order (which is what a streaming reader wants next).
+    pub fn pick_for_upstream(&self) -> Option<u32> {
+        let eligible = |i: u32| {
+            self.wanted(i) && self.requested[i as usize] == 0 && self.avail[i as usize] == 0
+        };
+        self.priority
+            .iter()
+            .copied()
+            .find(|&i| eligible(i))
+            .or_else(|| (0..self.have.len()).find(|&i| eligible(i)))
+    }
+
+    /// Among pieces passing `ok`, one of the least available, chosen uniformly among ties so
+    /// peers spread over different pieces.
+    fn rarest(&self, ok: impl Fn(u32) -> bool) -> Option<u32> {
+        let mut rng = rand::rng();
+        let mut best: Option<(u16, u32)> = None;
+        let mut ties = 0u32;
+        for i in (0..self.have.len()).filter(|&i| ok(i)) {
+            let a = self.avail[i as usize];
+            match best {
+                Some((b, _)) if a > b => {}
+                Some((b, _)) if a == b => {
+                    ties += 1;
+                    if rng.random_range(0..ties) == 0 {
+                        best = Some((a, i));
+                    }
+                }
+                _ => {
+                    best = Some((a, i));
+                    ties = 1;
+                }
+            }
+        }
+        best.map(|(_, i)| i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    fn bits(len: u32, ones: &[u32]) -> Bitfield {
+        let mut b = Bitfield::new(len);
+        for &i in ones {
+            b.set(i);
+        }
+        b
+    }
+
+    #[test]
+    fn picks_the_rarest_piece_the_peer_has() {
+        let mut s = Scheduler::new(Bitfield::new(4));
+        s.peer_added(&bits(4, &[0, 1, 2, 3]));
+        s.peer_added(&bits(4, &[0, 1, 3]));
+        s.peer_added(&bits(4, &[0, 3]));
+        let peer = bits(4, &[0, 1, 2, 3]);
+        assert_eq!(s.pick_for_peer(&peer, |_| false), Some(2));
+        s.requested(2);
+        assert_eq!(s.pick_for_peer(&peer, |_| false), Some(1));
+        assert_eq!(s.pick_for_peer(&bits(4, &[0]), |_| false), Some(0));
+        assert_eq!(s.pick_for_peer(&bits(4, &[]), |_| false), None);
+    }
+
+    #[test]
+    fn ties_are_broken_at_random() {
+        let mut s = Scheduler::new(Bitfield::new(64));
+        let all = Bitfield::full(64);
+        s.peer_added(&all);
+        let picks: HashSet<u32> = (0..200)
+            .filter_map(|_| s.pick_for_peer(&all, |_| false))
+            .collect();
+        assert!(picks.len() > 20, "only {} distinct picks", picks.len());
+    }
+
+    #[test]
+    fn readers_pieces_come_first() {
+        let mut s = Scheduler::new(Bitfield::new(10));
+        s.peer_added(&Bitfield::full(10));
+        s.prioritize(7..9);
+        assert_eq!(s.pick_for_peer(&Bitfield::full(10), |_| false), Some(7));
+        s.got(7);
+        assert_eq!(s.pick_for_peer(&Bitfield::full(10), |_| false), Some(8));
+        assert_eq!(s.pick_for_upstream(), None, "every piece is on a peer");
+    }
+
+    #[test]
+    fn endgame_requests_a_piece_twice_but_not_thrice() {
+        let mut s = Scheduler::new(bits(3, &[0, 1]));
+        s.peer_added(&Bitfield::full(3));
+        s.peer_added(&Bitfield::full(3));
+        let peer = Bitfield::full(3);
+        assert_eq!(s.pick_for_peer(&peer, |_| false), Some(2));
+        s.requested(2);
+        // Everything missing is in flight: a second peer may ask for it too.
+        assert_eq!(s.pick_for_peer(&peer, |_| false), Some(2));
+        s.requested(2);
+        assert_eq!(s.pick_for_peer(&peer, |_| false), None);
+        assert_eq!(s.pick_for_peer(&peer, |i| i == 2), None);
+    }
+
+    #[test]
+    fn upstream_fetches_only_what_no_peer_has_in_order() {
+        let mut s = Scheduler::new(Bitfield::new(4));
+        s.peer_added(&bits(4, &[0, 2]));
+        assert_eq!(s.pick_for_upstream(), Some(1));
+        s.requested(1);
+        assert_eq!(s.pick_for_upstream(), Some(3));
+        s.set_pending(3, true);
+        assert_eq!(s.pick_for_upstream(), None);
+    }
+}

@@ -1,0 +1,384 @@
+//! The tracker's in-memory state and every decision it makes, free of HTTP so it can be tested
+//! directly.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use tracing::{info, warn};
+
+use super::api::{
+    AnnounceRequest, AnnounceResponse, PeerInfo, PublishRequest, ReportKind, ReportRequest,
+};
+use super::server::TrackerConfig;
+use crate::digest::Digest;
+use crate::metainfo::{Metainfo, MetainfoError};
+use crate::upstream::BlobSource;
+use crate::wire::PeerId;
+
+#[derive(Debug)]
+struct Peer {
+    addr: String,
+    seed: bool,
+    last_seen: Instant,
+}
+
+#[derive(Debug)]
+struct Member {
+    complete: bool,
+    last_seen: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Swarm {
+    members: HashMap<PeerId, Member>,
+    meta: Option<Metainfo>,
+    /// Back-source leases and when they lapse.
+    leases: HashMap<PeerId, Instant>,
+    source: Option<BlobSource>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{peer} holds no back-source lease for {digest}")]
+    NoLease { peer: PeerId, digest: Digest },
+    #[error(transparent)]
+    Metainfo(#[from] MetainfoError),
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    cfg: TrackerConfig,
+    peers: HashMap<PeerId, Peer>,
+    swarms: HashMap<Digest, Swarm>,
+}
+
+impl State {
+    pub(crate) fn new(cfg: TrackerConfig) -> Self {
+        Self {
+            cfg,
+            peers: HashMap::new(),
+            swarms: HashMap::new(),
+        }
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_millis(self.cfg.peer_ttl_ms)
+    }
+
+    pub(crate) fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub(crate) fn blob_count(&self) -> usize {
+        self.swarms.len()
+    }
+
+    /// The seed responsible for `digest`: highest rendezvous hash among live seeds.
+    fn seed_for(&self, digest: &Digest) -> Option<PeerId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.seed)
+            .max_by_key(|(id, _)| {
+                let mut key = Vec::with_capacity(48);
+                key.extend_from_slice(digest.as_bytes());
+                key.extend_from_slice(&id.0);
+                *Digest::of(&key).as_bytes()
+            })
+            .map(|(id, _)| *id)
+    }
+
+    pub(crate) fn announce(&mut self, req: AnnounceRequest, now: Instant) -> AnnounceResponse {
+        self.expire(now);
+        self.peers.insert(
+            req.peer_id,
+            Peer {
+                addr: req.addr,
+                seed: req.seed,
+                last_seen: now,
+            },
+        );
+        let interval_ms = self.cfg.announce_interval_ms;
+        let Some(blob) = req.blob else {
+            return AnnounceResponse {
+                interval_ms,
+                peers: Vec::new(),
+                metainfo: None,
+                backsource: false,
+            };
+        };
+        let seed = self.seed_for(&blob.digest);
+        let lease_ttl = self.ttl();
+        let max_backsourcers = self.cfg.max_backsourcers;
+        let swarm = self.swarms.entry(blob.digest).or_default();
+        swarm.members.insert(
+            req.peer_id,
+            Member {
+                complete: blob.complete,
+                last_seen: now,
+            },
+        );
+        if swarm.source.is_none() {
+            swarm.source = blob.source;
+        }
+        match (&swarm.meta, blob.size) {
+            (None, Some(size)) => match Metainfo::empty(blob.digest, size) {
+                Ok(meta) => swarm.meta = Some(meta),
+                Err(e) => warn!(peer = %req.peer_id, error = %e, "ignoring announced size"),
+            },
+            (Some(meta), Some(size)) if meta.size != size => {
+                warn!(peer = %req.peer_id, digest = %blob.digest, size, known = meta.size, "peer announces a different size");
+            }
+            _ => {}
+        }
+
+        swarm.leases.retain(|_, until| *until > now);
+        let someone_complete = swarm
+            .members
+            .iter()
+            .any(|(id, m)| m.complete && *id != req.peer_id);
+        let backsource = if blob.complete || someone_complete {
+            swarm.leases.remove(&req.peer_id);
+            false
+        } else {
+            let may = match seed {
+                Some(seed) => seed == req.peer_id,
+                None => {
+                    swarm.leases.contains_key(&req.peer_id) || swarm.leases.len() < max_backsourcers
+                }
+            };
+            if may && swarm.leases.insert(req.peer_id, now + lease_ttl).is_none() {
+                info!(digest = %blob.digest, peer = %req.peer_id, "back-source lease granted");
+            }
+            may
+        };
+
+        let mut complete = Vec::new();
+        let mut partial = Vec::new();
+        for (id, m) in &swarm.members {
+            if *id == req.peer_id {
+                continue;
+            }
+            let Some(p) = self.peers.get(id) else {
+                continue;
+            };
+            let info = PeerInfo {
+                peer_id: *id,
+                addr: p.addr.clone(),
+                complete: m.complete,
+                seed: p.seed,
+            };
+            if m.complete {
+                complete.push(info)
+            } else {
+                partial.push(info)
+            }
+        }
+        let mut rng = rand::rng();
+        complete.shuffle(&mut rng);
+        partial.shuffle(&mut rng);
+        let mut peers: Vec<PeerInfo> = complete.into_iter().chain(partial).collect();
+        peers.truncate(self.cfg.max_peers);
+        // The responsible seed is always offered: it has the blob or will fetch it when asked.
+        if let Some(seed) =
+            seed.filter(|s| *s != req.peer_id && !peers.iter().any(|p| p.peer_id == *s))
+        {
+            let p = &self.peers[&seed];
+            peers.push(PeerInfo {
+                peer_id: seed,
+                addr: p.addr.clone(),
+                complete: false,
+                seed: true,
+            });
+        }
+        AnnounceResponse {
+            interval_ms,
+            peers,
+            metainfo: swarm.meta.clone(),
+            backsource,
+        }
+    }
+
+    pub(crate) fn metainfo(&self, digest: &Digest) -> Option<Metainfo> {
+        self.swarms.get(digest)?.meta.clone()
+    }
+
+    pub(crate) fn publish(
+        &mut self,
+        digest: Digest,
+        req: PublishRequest,
+        now: Instant,
+    ) -> Result<usize, PublishError> {
+        let swarm = self.swarms.entry(digest).or_default();
+        if swarm
+            .leases
+            .get(&req.peer_id)
+            .is_none_or(|until| *until <= now)
+        {
+            return Err(PublishError::NoLease {
+                peer: req.peer_id,
+                digest,
+            });
+        }
+        let meta = match &mut swarm.meta {
+            Some(meta) => meta,
+            None => swarm.meta.insert(Metainfo::empty(digest, req.size)?),
+        };
+        let mut added = 0;
+        for (index, hash) in req.pieces {
+            added += usize::from(meta.set_hash(index, hash)?);
+        }
+        Ok(added)
+    }
+
+    pub(crate) fn report(&mut self, req: ReportRequest) {
+        warn!(reporter = %req.reporter, digest = %req.digest, kind = ?req.kind, culprit = ?req.culprit, "verification failure reported");
+        if req.kind == ReportKind::BadBlob {
+            // The published hashes let a wrong blob through: they cannot be trusted. Start over.
+            if let Some(swarm) = self.swarms.get_mut(&req.digest) {
+                swarm.meta = None;
+                swarm.leases.clear();
+            }
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let ttl = self.ttl();
+        self.peers
+            .retain(|_, p| now.duration_since(p.last_seen) < ttl);
+        self.swarms.retain(|_, s| {
+            s.members
+                .retain(|_, m| now.duration_since(m.last_seen) < ttl);
+            !s.members.is_empty()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metainfo::PieceHash;
+    use crate::tracker::api::BlobAnnounce;
+
+    fn cfg() -> TrackerConfig {
+        TrackerConfig {
+            max_peers: 3,
+            ..TrackerConfig::default()
+        }
+    }
+
+    fn announce(
+        st: &mut State,
+        id: PeerId,
+        seed: bool,
+        complete: bool,
+        now: Instant,
+    ) -> AnnounceResponse {
+        st.announce(
+            AnnounceRequest {
+                peer_id: id,
+                addr: format!("10.0.0.{}:4000", id.0[0]),
+                seed,
+                blob: Some(BlobAnnounce {
+                    digest: Digest::of(b"blob"),
+                    size: Some(5 << 20),
+                    complete,
+                    source: None,
+                }),
+            },
+            now,
+        )
+    }
+
+    fn id(n: u8) -> PeerId {
+        PeerId([n; 16])
+    }
+
+    #[test]
+    fn one_node_backsources_when_there_is_no_seed() {
+        let mut st = State::new(TrackerConfig {
+            max_backsourcers: 1,
+            ..cfg()
+        });
+        let now = Instant::now();
+        assert!(announce(&mut st, id(1), false, false, now).backsource);
+        let second = announce(&mut st, id(2), false, false, now);
+        assert!(!second.backsource);
+        assert_eq!(second.peers.len(), 1);
+        assert!(second.metainfo.is_some_and(|m| m.piece_count() == 5));
+        // The holder renews its lease by announcing; once it completes, nobody needs one.
+        assert!(announce(&mut st, id(1), false, false, now).backsource);
+        assert!(!announce(&mut st, id(1), false, true, now).backsource);
+        assert!(!announce(&mut st, id(3), false, false, now).backsource);
+    }
+
+    #[test]
+    fn the_seed_gets_the_lease_and_is_offered_to_nodes() {
+        let mut st = State::new(cfg());
+        let now = Instant::now();
+        st.announce(
+            AnnounceRequest {
+                peer_id: id(9),
+                addr: "10.0.0.9:1".into(),
+                seed: true,
+                blob: None,
+            },
+            now,
+        );
+        let node = announce(&mut st, id(1), false, false, now);
+        assert!(!node.backsource);
+        assert!(node.peers.iter().any(|p| p.peer_id == id(9) && p.seed));
+        assert!(announce(&mut st, id(9), true, false, now).backsource);
+    }
+
+    #[test]
+    fn peer_lists_are_bounded_complete_first_and_expire() {
+        let mut st = State::new(cfg());
+        let now = Instant::now();
+        for n in 1..=6 {
+            announce(&mut st, id(n), false, n == 6, now);
+        }
+        let resp = announce(&mut st, id(7), false, false, now);
+        assert_eq!(resp.peers.len(), 3);
+        assert_eq!(resp.peers[0].peer_id, id(6));
+        assert!(resp.peers.iter().all(|p| p.peer_id != id(7)));
+        let later = now + Duration::from_millis(st.cfg.peer_ttl_ms + 1);
+        let resp = announce(&mut st, id(8), false, false, later);
+        assert!(
+            resp.peers.is_empty(),
+            "expired peers still listed: {:?}",
+            resp.peers
+        );
+    }
+
+    #[test]
+    fn only_lease_holders_publish_and_hashes_never_change() -> anyhow::Result<()> {
+        let mut st = State::new(TrackerConfig {
+            max_backsourcers: 1,
+            ..cfg()
+        });
+        let now = Instant::now();
+        announce(&mut st, id(1), false, false, now);
+        announce(&mut st, id(2), false, false, now);
+        let digest = Digest::of(b"blob");
+        let publish = |peer, hash: &[u8]| PublishRequest {
+            peer_id: peer,
+            size: 5 << 20,
+            pieces: vec![(0, PieceHash::of(hash))],
+        };
+        assert!(matches!(
+            st.publish(digest, publish(id(2), b"a"), now),
+            Err(PublishError::NoLease { .. })
+        ));
+        assert_eq!(st.publish(digest, publish(id(1), b"a"), now)?, 1);
+        assert!(st.publish(digest, publish(id(1), b"b"), now).is_err());
+        assert_eq!(st.metainfo(&digest).map(|m| m.known_hashes()), Some(1));
+        let bad = PublishRequest {
+            peer_id: id(1),
+            size: 5 << 20,
+            pieces: vec![(99, PieceHash::of(b"a"))],
+        };
+        assert!(st.publish(digest, bad, now).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,151 @@
+//! `shoal.toml`: one file, one typed section per component, validated at start.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use shoal_p2p::swarm::P2pConfig;
+use shoal_p2p::tracker::TrackerConfig;
+use shoal_p2p::upstream::RegistryConfig;
+
+/// The whole config file. Each component receives only its own section.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub mirror: MirrorConfig,
+    pub p2p: P2pConfig,
+    pub registry: RegistryConfig,
+    pub tracker: TrackerConfig,
+}
+
+/// `[node]`: where the node keeps its state.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Root of everything the node writes; the blob store lives in `<root>/store`.
+    pub root: PathBuf,
+    /// Blob store size cap in MiB; unused complete blobs are evicted beyond it.
+    pub store_capacity_mib: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/var/lib/shoal"),
+            store_capacity_mib: 50 * 1024,
+        }
+    }
+}
+
+/// `[mirror]`: the registry mirror containerd reaches through `hosts.toml`; also serves
+/// `/metrics`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MirrorConfig {
+    pub listen: String,
+    /// How long a blob request waits for its next piece before the stream is cut (a reader
+    /// never hangs forever).
+    pub stall_timeout_ms: u64,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7072".into(),
+            stall_timeout_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Reads and validates `path`; `None` gives the embedded defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            let cfg = Self::default();
+            cfg.validate().map_err(|message| ConfigError::Invalid {
+                path: "<defaults>".into(),
+                message,
+            })?;
+            return Ok(cfg);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node.store_capacity_mib == 0 {
+            return Err("node.store_capacity_mib must be above 0".into());
+        }
+        if !self.node.root.is_absolute() {
+            return Err(format!(
+                "node.root {:?} must be an absolute path",
+                self.node.root
+            ));
+        }
+        if self.mirror.stall_timeout_ms == 0 {
+            return Err("mirror.stall_timeout_ms must be above 0".into());
+        }
+        self.p2p.validate()?;
+        self.registry.validate()?;
+        self.tracker.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_and_invalid_options_name_the_option_and_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("shoal.toml");
+        std::fs::write(&path, "[p2p]\nmax_conn = 3\n")?;
+        let err = Config::load(Some(&path))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("max_conn") && err.contains("shoal.toml"),
+            "{err}"
+        );
+        std::fs::write(&path, "[node]\nroot = \"relative\"\n")?;
+        let err = Config::load(Some(&path))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("node.root"), "{err}");
+        std::fs::write(
+            &path,
+            "[p2p]\ntracker = \"http://t:7070\"\n[mirror]\nlisten = \"127.0.0.1:1\"\n",
+        )?;
+        let cfg = Config::load(Some(&path))?;
+        assert_eq!(cfg.p2p.tracker.as_deref(), Some("http://t:7070"));
+        assert!(Config::load(None).is_ok());
+        Ok(())
+    }
+}
