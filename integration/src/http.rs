@@ -55,3 +55,12 @@ fn get_on_this_thread(url: &str, accept: Option<&str>, timeout: Duration) -> Res
         body,
     })
 }
+
+/// GETs `url` and returns its body as text, failing on a non-2xx status.
+pub fn get_text(url: &str) -> Result<String> {
+    let resp = get(url, None, Duration::from_secs(10))?;
+    if !(200..300).contains(&resp.status) {
+        return Err(anyhow!("GET {url}: HTTP {}", resp.status));
+    }
+    String::from_utf8(resp.body).with_context(|| format!("GET {url}: body is not UTF-8"))
+}

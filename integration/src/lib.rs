@@ -3,10 +3,11 @@
 pub mod caps;
 pub mod containerd;
 pub mod hosts;
-mod http;
+pub mod http;
 pub mod image;
 pub mod proc;
 pub mod registry;
+pub mod shoal;
 
 use std::env;
 use std::path::PathBuf;
