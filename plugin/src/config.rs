@@ -148,4 +148,18 @@ mod tests {
         assert!(Config::load(None).is_ok());
         Ok(())
     }
+
+    #[test]
+    fn the_annotated_example_parses_and_matches_the_defaults() -> anyhow::Result<()> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/shoal.toml");
+        let cfg = Config::load(Some(&path))?;
+        let defaults = Config::default();
+        assert_eq!(cfg.node.root, defaults.node.root);
+        assert_eq!(cfg.node.store_capacity_mib, defaults.node.store_capacity_mib);
+        assert_eq!(cfg.mirror.listen, defaults.mirror.listen);
+        assert_eq!(cfg.p2p.max_conns, defaults.p2p.max_conns);
+        assert_eq!(cfg.p2p.max_inflight, defaults.p2p.max_inflight);
+        assert_eq!(cfg.tracker.peer_ttl_ms, defaults.tracker.peer_ttl_ms);
+        Ok(())
+    }
 }
