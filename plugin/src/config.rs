@@ -155,7 +155,10 @@ mod tests {
         let cfg = Config::load(Some(&path))?;
         let defaults = Config::default();
         assert_eq!(cfg.node.root, defaults.node.root);
-        assert_eq!(cfg.node.store_capacity_mib, defaults.node.store_capacity_mib);
+        assert_eq!(
+            cfg.node.store_capacity_mib,
+            defaults.node.store_capacity_mib
+        );
         assert_eq!(cfg.mirror.listen, defaults.mirror.listen);
         assert_eq!(cfg.p2p.max_conns, defaults.p2p.max_conns);
         assert_eq!(cfg.p2p.max_inflight, defaults.p2p.max_inflight);
