@@ -1,0 +1,109 @@
+//! Faults cost time, not correctness: a tracker that is down, a peer that dies mid-transfer.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{init_logs, random_blob, served, start_peer, start_registry};
+use shoal_p2p::Digest;
+use shoal_p2p::swarm::P2pConfig;
+use shoal_p2p::tracker::{self, TrackerConfig};
+use shoal_p2p::upstream::BlobSource;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+async fn read_all(blob: &shoal_p2p::store::Blob) -> anyhow::Result<Vec<u8>> {
+    tokio::time::timeout(Duration::from_secs(60), blob.wait_range(0..blob.size())).await??;
+    let mut buf = vec![0u8; blob.size() as usize];
+    blob.read_at(0, &mut buf)?;
+    Ok(buf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_tracker_down_a_node_falls_back_to_upstream() -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let shutdown = CancellationToken::new();
+    let _guard = shutdown.clone().drop_guard();
+    let data = random_blob(5 << 20);
+    let digest = Digest::of(&data);
+    let (registry, reg) = start_registry(data.clone()).await?;
+    // A port nobody listens on.
+    let dead = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+    let cfg = P2pConfig {
+        tracker: Some(format!("http://{dead}")),
+        ..P2pConfig::default()
+    };
+    let node = start_peer(dir.path(), "node", &registry, cfg, &shutdown).await?;
+    let blob = node
+        .fetch(digest, Some(BlobSource::new(registry, "test/blob")))
+        .await?;
+    assert_eq!(Digest::of(&read_all(&blob).await?), digest);
+    assert_eq!(served(&reg), data.len() as u64);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_dying_mid_transfer_costs_time_not_correctness() -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let shutdown = CancellationToken::new();
+    let _guard = shutdown.clone().drop_guard();
+    let data = random_blob(16 << 20);
+    let digest = Digest::of(&data);
+    let (registry, reg) = start_registry(data.clone()).await?;
+    let tracker_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let tracker_cfg = TrackerConfig {
+        announce_interval_ms: 200,
+        peer_ttl_ms: 1000,
+        ..TrackerConfig::default()
+    };
+    let tracker_url = format!("http://{}", tracker_listener.local_addr()?);
+    tokio::spawn(tracker::run(
+        tracker_listener,
+        tracker_cfg,
+        shutdown.clone(),
+    ));
+    let source = BlobSource::new(registry.clone(), "test/blob");
+
+    // The first node gets the whole blob, then serves it slowly (32 Mbit/s: 4 s for 16 MiB).
+    let first_down = CancellationToken::new();
+    let slow = P2pConfig {
+        tracker: Some(tracker_url.clone()),
+        egress_mbit: 32,
+        ..P2pConfig::default()
+    };
+    let first = start_peer(dir.path(), "first", &registry, slow, &first_down).await?;
+    read_all(&first.fetch(digest, Some(source.clone())).await?).await?;
+    let upstream_before = served(&reg);
+
+    let cfg = P2pConfig {
+        tracker: Some(tracker_url),
+        ..P2pConfig::default()
+    };
+    let second = start_peer(dir.path(), "second", &registry, cfg, &shutdown).await?;
+    let blob = second.fetch(digest, Some(source)).await?;
+    // Once some pieces have come from the first node, it dies.
+    let mut changes = blob.subscribe();
+    while blob.have().count() < 2 {
+        tokio::time::timeout(Duration::from_secs(20), changes.changed()).await??;
+    }
+    first_down.cancel();
+    assert_eq!(
+        Digest::of(&read_all(&blob).await?),
+        digest,
+        "wrong bytes after the peer died"
+    );
+    let got_from_first = second.metrics().bytes_from_peers.get();
+    let refetched = served(&reg) - upstream_before;
+    assert!(
+        got_from_first > 0 && got_from_first < data.len() as u64,
+        "first node served {got_from_first} bytes"
+    );
+    assert_eq!(
+        got_from_first + refetched,
+        data.len() as u64,
+        "the rest came from upstream, once"
+    );
+    Ok(())
+}
