@@ -252,6 +252,19 @@ impl Entry {
         self.lock().have.count()
     }
 
+    /// Forgets a partial download whose blob arrived complete by another door.
+    pub(super) fn delete_partial(&self, root: &Path) {
+        let mut st = self.lock();
+        st.status = BlobState::Discarded;
+        st.journal = None;
+        drop(st);
+        self.changed.send_modify(|g| *g += 1);
+        let dir = partial_dir(root, &self.digest);
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            warn!(digest = %self.digest, error = %e, "removing superseded partial blob");
+        }
+    }
+
     pub(super) fn delete_files(&self, root: &Path) -> Result<()> {
         let mut st = self.lock();
         st.status = BlobState::Discarded;
@@ -298,7 +311,20 @@ fn open_journal(path: &Path) -> Result<File> {
 
 /// Hashes a whole file, piece by piece and as a whole, checking it against `digest`.
 fn hash_file(file: &File, digest: Digest, size: u64, path: &Path) -> Result<Metainfo> {
-    let mut meta = Metainfo::empty(digest, size)?;
+    let meta = hash_pieces(file, size, path)?;
+    if meta.digest != digest {
+        return Err(StoreError::DigestMismatch {
+            digest,
+            actual: meta.digest,
+        });
+    }
+    Ok(meta)
+}
+
+/// The metainfo of a file's content, whatever digest it turns out to have.
+fn hash_pieces(file: &File, size: u64, path: &Path) -> Result<Metainfo> {
+    // The digest is not known until the end; the layout does not depend on it.
+    let mut meta = Metainfo::empty(Digest::from_bytes([0; 32]), size)?;
     let mut whole = Hasher::new();
     let mut buf = vec![0u8; meta.piece_size as usize];
     for index in 0..meta.piece_count() {
@@ -309,11 +335,50 @@ fn hash_file(file: &File, digest: Digest, size: u64, path: &Path) -> Result<Meta
         whole.update(chunk);
         meta.set_hash(index, PieceHash::of(chunk))?;
     }
-    let actual = whole.finish();
-    if actual != digest {
-        return Err(StoreError::DigestMismatch { digest, actual });
-    }
+    meta.digest = whole.finish();
     Ok(meta)
+}
+
+impl Entry {
+    /// Takes a finished file (an ingest) into the store as a complete blob, without copying:
+    /// hashes it, checks it against `expected` if given, and renames it into `blobs/`.
+    pub(super) fn adopt(root: &Path, path: &Path, expected: Option<Digest>) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(StoreError::io("opening", path))?;
+        let size = file
+            .metadata()
+            .map_err(StoreError::io("reading", path))?
+            .len();
+        let meta = hash_pieces(&file, size, path)?;
+        if let Some(expected) = expected.filter(|e| *e != meta.digest) {
+            return Err(StoreError::DigestMismatch {
+                digest: expected,
+                actual: meta.digest,
+            });
+        }
+        file.sync_all().map_err(StoreError::io("syncing", path))?;
+        let digest = meta.digest;
+        let json = serde_json::to_vec(&meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        write_atomic(&meta_path(root, &digest), &json)?;
+        let dest = complete_path(root, &digest);
+        fs::rename(path, &dest).map_err(StoreError::io("renaming", &dest))?;
+        sync_parent(&dest)?;
+        let have = Bitfield::full(meta.piece_count());
+        let mut entry = Self::new(digest, file, meta, have, None);
+        entry
+            .state
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .status = BlobState::Complete;
+        Ok(entry)
+    }
+
+    pub(super) fn digest(&self) -> Digest {
+        self.digest
+    }
 }
 
 /// A handle on a blob in the store. While any handle exists the blob is not evicted.

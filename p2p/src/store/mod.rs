@@ -122,7 +122,7 @@ impl BlobStore {
     /// partial ones from their journals.
     pub fn open(config: &StoreConfig) -> Result<Self> {
         let root = config.root.clone();
-        for dir in ["blobs", "meta", "partial", "tmp"] {
+        for dir in ["blobs", "meta", "partial", "tmp", "ingest"] {
             let path = root.join(dir);
             fs::create_dir_all(&path).map_err(StoreError::io("creating", &path))?;
         }
@@ -203,6 +203,45 @@ impl BlobStore {
         let blob = Blob::new(entry, self.clone());
         blob.learn_hashes(meta)?;
         Ok(blob)
+    }
+
+    /// Moves the finished file at `path` (which must be on the store's filesystem, e.g. under
+    /// [`BlobStore::ingest_dir`]) into the store as a complete blob, checking it against
+    /// `expected` if given. If the store already has the blob complete, the file is removed and
+    /// the existing blob returned: content is stored once.
+    pub fn adopt(&self, path: &Path, expected: Option<Digest>) -> Result<Blob> {
+        if let Some(blob) = expected
+            .and_then(|d| self.get(&d))
+            .filter(Blob::is_complete)
+        {
+            fs::remove_file(path).map_err(StoreError::io("removing", path))?;
+            return Ok(blob);
+        }
+        let size = fs::metadata(path)
+            .map_err(StoreError::io("reading", path))?
+            .len();
+        self.make_room(size);
+        let entry = blob::Entry::adopt(&self.inner.root, path, expected)?;
+        let digest = entry.digest();
+        let mut state = self.lock();
+        if let Some(old) = state.blobs.get(&digest).filter(|e| !e.is_complete()) {
+            // A partial download of the same blob is now pointless: the bytes are here.
+            let old = old.clone();
+            drop(state);
+            old.delete_partial(&self.inner.root);
+            state = self.lock();
+        }
+        let entry = Arc::new(entry);
+        state.blobs.insert(digest, entry.clone());
+        state.lru.put(digest, ());
+        drop(state);
+        Ok(Blob::new(entry, self.clone()))
+    }
+
+    /// Where ingests (content being written by containerd) live: on the store's filesystem, so
+    /// [`BlobStore::adopt`] is a rename.
+    pub fn ingest_dir(&self) -> PathBuf {
+        self.inner.root.join("ingest")
     }
 
     /// Digests of complete blobs.

@@ -196,3 +196,34 @@ fn unused_blobs_are_evicted_oldest_first() -> anyhow::Result<()> {
     assert_eq!(store.complete_blobs(), vec![metas[1].digest]);
     Ok(())
 }
+
+#[test]
+fn finished_files_are_adopted_without_a_copy() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path(), u64::MAX)?;
+    let data = blob_bytes((2 << 20) + 7, 9);
+    let digest = Digest::of(&data);
+    let ingest = store.ingest_dir().join("upload");
+    std::fs::write(&ingest, &data)?;
+    let wrong = Digest::of(b"not it");
+    assert!(matches!(
+        store.adopt(&ingest, Some(wrong)),
+        Err(StoreError::DigestMismatch { .. })
+    ));
+    assert!(
+        ingest.exists(),
+        "a refused ingest stays for the writer to fix or abort"
+    );
+    let blob = store.adopt(&ingest, Some(digest))?;
+    assert!(blob.is_complete() && !ingest.exists());
+    assert_eq!(blob.read_piece(2)?, data[2 << 20..]);
+    assert_eq!(blob.metainfo(), Metainfo::of_bytes(digest, &data)?);
+    // The same content again is stored once.
+    std::fs::write(&ingest, &data)?;
+    store.adopt(&ingest, None)?;
+    assert_eq!(store.complete_blobs(), vec![digest]);
+    drop(blob);
+    let reopened = open(dir.path(), u64::MAX)?;
+    assert!(reopened.get(&digest).is_some_and(|b| b.is_complete()));
+    Ok(())
+}
