@@ -3,3 +3,4 @@
 pub mod config;
 pub mod mirror;
 pub mod node;
+pub mod snapshotter;
