@@ -5,6 +5,7 @@ pub mod containerd;
 pub mod hosts;
 pub mod http;
 pub mod image;
+pub mod netns;
 pub mod proc;
 pub mod registry;
 pub mod shoal;

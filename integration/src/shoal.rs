@@ -1,5 +1,9 @@
 //! Shoal's own daemons as child processes: a tracker, seeds and nodes, each with a config file
 //! and a log in the test's directory, all on loopback ports picked at start.
+//!
+//! A daemon can also run on a host of a [`Network`](crate::netns::Network) (`netns` in the
+//! options): it is started through `nsenter --net`, listens on the addresses given, and the
+//! harness reaches it from a thread inside that namespace.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -8,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::proc::{Child, free_port, wait_for_tcp};
-use crate::shoal_bin;
+use crate::{netns, shoal_bin};
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -19,16 +23,32 @@ pub struct Tracker {
     pub addr: String,
 }
 
+/// Where a tracker runs, beyond the loopback default.
+#[derive(Clone, Debug, Default)]
+pub struct TrackerOptions {
+    /// Network namespace to run in (a [`netns::Host`]'s); `listen` must then be given too.
+    pub netns: Option<String>,
+    /// Listen address; default `127.0.0.1:<free port>`.
+    pub listen: Option<String>,
+}
+
 impl Tracker {
     pub fn start(dir: &Path) -> Result<Self> {
+        Self::start_with(dir, &TrackerOptions::default())
+    }
+
+    pub fn start_with(dir: &Path, opts: &TrackerOptions) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let addr = match &opts.listen {
+            Some(addr) => addr.clone(),
+            None => format!("127.0.0.1:{}", free_port()?),
+        };
         let config = dir.join("tracker.toml");
         std::fs::write(&config, format!("[tracker]\nlisten = \"{addr}\"\n"))?;
-        let mut cmd = Command::new(shoal_bin()?);
+        let mut cmd = command(opts.netns.as_deref(), shoal_bin()?);
         cmd.arg("tracker").arg("--config").arg(&config);
         let child = Child::spawn("tracker", cmd, dir)?;
-        wait_for_tcp(&addr, START_TIMEOUT).context("waiting for the tracker")?;
+        wait_for_tcp_in(opts.netns.as_deref(), &addr).context("waiting for the tracker")?;
         Ok(Self { child, addr })
     }
 
@@ -48,6 +68,12 @@ pub struct NodeOptions {
     pub corrupt_uploads: bool,
     /// Extra TOML appended to the config (whole sections).
     pub extra: String,
+    /// Network namespace to run in (a [`netns::Host`]'s); give `listen` and `mirror` then.
+    pub netns: Option<String>,
+    /// Swarm listen address, also the one advertised; default `127.0.0.1:<free port>`.
+    pub listen: Option<String>,
+    /// Mirror (and `/metrics`) listen address; default `127.0.0.1:<free port>`.
+    pub mirror: Option<String>,
 }
 
 /// A running `shoal node` or `shoal seed`.
@@ -56,8 +82,12 @@ pub struct Node {
     pub child: Child,
     pub name: String,
     pub root: PathBuf,
+    /// containerd's proxy_plugins address (snapshots service).
+    pub socket: PathBuf,
     pub mirror: String,
     pub swarm: String,
+    /// The network namespace it runs in, if not the test's own.
+    pub netns: Option<String>,
 }
 
 impl Node {
@@ -65,11 +95,18 @@ impl Node {
         let home = dir.join(name);
         std::fs::create_dir_all(&home)?;
         let root = home.join("root");
-        let mirror = format!("127.0.0.1:{}", free_port()?);
-        let swarm = format!("127.0.0.1:{}", free_port()?);
+        let socket = home.join("shoal.sock");
+        let mirror = match &opts.mirror {
+            Some(addr) => addr.clone(),
+            None => format!("127.0.0.1:{}", free_port()?),
+        };
+        let swarm = match &opts.listen {
+            Some(addr) => addr.clone(),
+            None => format!("127.0.0.1:{}", free_port()?),
+        };
         let insecure: Vec<String> = opts.insecure.iter().map(|h| format!("{h:?}")).collect();
         let mut config = format!(
-            "[node]\nroot = {root:?}\n\n[mirror]\nlisten = \"{mirror}\"\n\n[registry]\ninsecure = [{}]\n\n[p2p]\nlisten = \"{swarm}\"\ncorrupt_uploads = {}\n",
+            "[node]\nroot = {root:?}\nsocket = {socket:?}\n\n[mirror]\nlisten = \"{mirror}\"\n\n[registry]\ninsecure = [{}]\n\n[p2p]\nlisten = \"{swarm}\"\ncorrupt_uploads = {}\n",
             insecure.join(", "),
             opts.corrupt_uploads,
         );
@@ -79,7 +116,7 @@ impl Node {
         config.push_str(&opts.extra);
         let config_path = home.join("shoal.toml");
         std::fs::write(&config_path, config)?;
-        let mut cmd = Command::new(shoal_bin()?);
+        let mut cmd = command(opts.netns.as_deref(), shoal_bin()?);
         cmd.arg(if opts.seed { "seed" } else { "node" })
             .arg("--config")
             .arg(&config_path);
@@ -88,14 +125,21 @@ impl Node {
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         );
         let child = Child::spawn(name, cmd, &home)?;
-        wait_for_tcp(&mirror, START_TIMEOUT)
+        wait_for_tcp_in(opts.netns.as_deref(), &mirror)
             .with_context(|| format!("waiting for {name}'s mirror"))?;
+        if !opts.seed {
+            crate::proc::wait_until(START_TIMEOUT, &format!("{name}'s socket"), || {
+                Ok(socket.exists())
+            })?;
+        }
         Ok(Self {
             child,
             name: name.to_owned(),
             root,
+            socket,
             mirror,
             swarm,
+            netns: opts.netns.clone(),
         })
     }
 
@@ -105,7 +149,7 @@ impl Node {
 
     /// One Prometheus sample from the node's `/metrics` (summing all label sets), 0 if absent.
     pub fn metric(&self, name: &str) -> Result<f64> {
-        let text = crate::http::get_text(&format!("{}/metrics", self.mirror_url()))?;
+        let text = self.metrics_text()?;
         Ok(text
             .lines()
             .filter(|l| !l.starts_with('#'))
@@ -113,5 +157,29 @@ impl Node {
             .filter(|(k, _)| *k == name || k.starts_with(&format!("{name}{{")))
             .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
             .sum())
+    }
+
+    /// The node's whole `/metrics` page, fetched from inside its namespace if it has one.
+    pub fn metrics_text(&self) -> Result<String> {
+        let url = format!("{}/metrics", self.mirror_url());
+        match &self.netns {
+            Some(ns) => netns::in_netns(ns, || crate::http::get_text(&url)),
+            None => crate::http::get_text(&url),
+        }
+    }
+}
+
+/// `program`, run in `netns` when one is given.
+fn command(netns: Option<&str>, program: PathBuf) -> Command {
+    match netns {
+        Some(ns) => netns::command(ns, program),
+        None => Command::new(program),
+    }
+}
+
+fn wait_for_tcp_in(netns: Option<&str>, addr: &str) -> Result<()> {
+    match netns {
+        Some(ns) => netns::in_netns(ns, || wait_for_tcp(addr, START_TIMEOUT)),
+        None => wait_for_tcp(addr, START_TIMEOUT),
     }
 }

@@ -25,23 +25,36 @@ fn ctr_pulls_through_the_mirror_and_runs_the_image() -> Result<()> {
     let node = Node::start(
         dir,
         "node",
-        &NodeOptions { insecure: vec![registry.addr()], tracker: Some(tracker.url()), ..NodeOptions::default() },
+        &NodeOptions {
+            insecure: vec![registry.addr()],
+            tracker: Some(tracker.url()),
+            ..NodeOptions::default()
+        },
     )?;
     let containerd = Containerd::start(&dir.join("containerd"), "")?;
     let hosts = hosts_dir(&dir.join("hosts"), &registry.addr(), &node.mirror_url())?;
     let hosts = hosts.display().to_string();
     containerd.ctr_ok(&["image", "pull", "--hosts-dir", &hosts, &image.reference])?;
     let out = containerd.run(&image.reference, "mirror-run", &[])?;
-    ensure!(out.trim() == (8 << 20).to_string(), "container printed {out:?}");
+    ensure!(
+        out.trim() == (8 << 20).to_string(),
+        "container printed {out:?}"
+    );
 
     // Layers and the image config all come through the mirror's blob endpoint.
     let config_size = registry.blob_bytes_served(&image.config_digest)?;
     let blob_bytes = config_size + image.layers.iter().map(|(_, size)| size).sum::<u64>();
     let from_upstream = node.metric("shoal_swarm_bytes_from_upstream_total")? as u64;
-    ensure!(from_upstream == blob_bytes, "node fetched {from_upstream} bytes upstream for {blob_bytes} bytes of layers");
+    ensure!(
+        from_upstream == blob_bytes,
+        "node fetched {from_upstream} bytes upstream for {blob_bytes} bytes of layers"
+    );
     for (digest, size) in &image.layers {
         let served = registry.blob_bytes_served(digest)?;
-        ensure!(served == *size, "registry served {served} bytes of {digest} ({size} bytes): containerd bypassed the mirror");
+        ensure!(
+            served == *size,
+            "registry served {served} bytes of {digest} ({size} bytes): containerd bypassed the mirror"
+        );
     }
     Ok(())
 }

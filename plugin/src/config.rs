@@ -26,6 +26,8 @@ pub struct NodeConfig {
     pub root: PathBuf,
     /// Blob store size cap in MiB; unused complete blobs are evicted beyond it.
     pub store_capacity_mib: u64,
+    /// Unix socket serving containerd's snapshots (and content) gRPC services (mode 0600).
+    pub socket: PathBuf,
 }
 
 impl Default for NodeConfig {
@@ -33,6 +35,7 @@ impl Default for NodeConfig {
         Self {
             root: PathBuf::from("/var/lib/shoal"),
             store_capacity_mib: 50 * 1024,
+            socket: PathBuf::from("/run/shoal/shoal.sock"),
         }
     }
 }
@@ -105,6 +108,12 @@ impl Config {
             return Err(format!(
                 "node.root {:?} must be an absolute path",
                 self.node.root
+            ));
+        }
+        if !self.node.socket.is_absolute() {
+            return Err(format!(
+                "node.socket {:?} must be an absolute path",
+                self.node.socket
             ));
         }
         if self.mirror.stall_timeout_ms == 0 {

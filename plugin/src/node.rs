@@ -1,18 +1,22 @@
-//! `shoal node` and `shoal seed`: the blob store, the swarm peer and the registry mirror, wired
-//! together. (The containerd snapshotter and content services join them here.)
+//! `shoal node` and `shoal seed`: the blob store, the swarm peer, the registry mirror and (on a
+//! node) containerd's gRPC services on a Unix socket, wired together.
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
 use shoal_p2p::store::{BlobStore, StoreConfig};
 use shoal_p2p::swarm::{Swarm, SwarmMetrics};
 use shoal_p2p::upstream::Upstream;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Config;
 use crate::mirror::{self, Mirror};
+use crate::snapshotter::{self, OverlaySnapshotter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -31,6 +35,16 @@ pub enum NodeError {
     Swarm(#[from] shoal_p2p::swarm::SwarmError),
     #[error("serving the mirror")]
     Serve(#[source] std::io::Error),
+    #[error("opening the snapshotter")]
+    Snapshotter(#[from] snapshotter::Error),
+    #[error("preparing the containerd socket {path}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving containerd's gRPC services")]
+    Grpc(#[from] tonic::transport::Error),
 }
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, NodeError> {
@@ -70,10 +84,25 @@ pub async fn run(
         metrics,
         shutdown.clone(),
     )?;
+    // A seed has no containerd to serve.
+    let grpc = if seed {
+        None
+    } else {
+        let snapshots = OverlaySnapshotter::open(&cfg.node.root.join("snapshotter"))?;
+        let socket = bind_socket(&cfg.node.socket)?;
+        let server = tonic::transport::Server::builder()
+            .add_service(snapshotter::service(snapshots))
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(socket),
+                shutdown.clone().cancelled_owned(),
+            );
+        Some(tokio::spawn(server))
+    };
     info!(
         role = if seed { "seed" } else { "node" },
         swarm = %swarm_addr,
         mirror = %mirror_listener.local_addr().map_err(NodeError::Serve)?,
+        socket = %if seed { "none".into() } else { cfg.node.socket.display().to_string() },
         tracker = cfg.p2p.tracker.as_deref().unwrap_or("none"),
         "shoal started"
     );
@@ -87,5 +116,30 @@ pub async fn run(
     let served = mirror::run(mirror_listener, mirror, shutdown.clone()).await;
     shutdown.cancel();
     let _ = swarm_task.await;
+    if let Some(task) = grpc {
+        let result = task.await;
+        let _ = std::fs::remove_file(&cfg.node.socket);
+        if let Ok(result) = result {
+            result?;
+        }
+    }
     served.map_err(NodeError::Serve)
+}
+
+/// Binds containerd's socket, replacing a stale one from a previous run; only root may use it.
+fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
+    let err = |source| NodeError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
 }

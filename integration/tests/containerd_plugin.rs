@@ -1,0 +1,127 @@
+//! Real containerd (Debian's 1.6) with Shoal as its snapshotter through `proxy_plugins`: a
+//! multi-layer image is pulled and unpacked into Shoal's snapshots, a container runs on them and
+//! its writes land in Shoal's upper directory, and a restart of `shoal node` loses nothing.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use shoal_integration::shoal::{Node, NodeOptions};
+use shoal_integration::{Containerd, ImageBuilder, Registry, caps, random_bytes};
+
+fn proxy_config(node: &Node) -> String {
+    format!(
+        "[proxy_plugins.shoal]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+        node.socket.display()
+    )
+}
+
+/// Files named `name` under any snapshot's upper directory.
+fn find_in_snapshots(node: &Node, name: &str) -> Result<Vec<std::path::PathBuf>> {
+    let mut found = Vec::new();
+    let snapshots = node.root.join("snapshotter/snapshots");
+    for entry in
+        std::fs::read_dir(&snapshots).with_context(|| format!("listing {}", snapshots.display()))?
+    {
+        let path = entry?.path().join("fs").join(name);
+        if path.exists() {
+            found.push(path);
+        }
+    }
+    Ok(found)
+}
+
+#[test]
+fn containerd_pulls_and_runs_on_shoal_snapshots_across_a_restart() -> Result<()> {
+    if let Some(why) = caps::missing(&["docker-registry", "skopeo", "containerd", "ctr", "runc"]) {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let registry = Registry::start(&dir.join("registry"))?;
+    let image = ImageBuilder::new()
+        .busybox()
+        .layer([("data/one", b"first layer\n".to_vec())])
+        .layer([
+            ("data/two", random_bytes(5, 1 << 20)),
+            ("data/one", b"replaced by the top layer\n".to_vec()),
+        ])
+        .cmd(&["/bin/sh", "-c", "cat /data/one; wc -c < /data/two"])
+        .build(&dir.join("image"))?
+        .push(&registry.addr(), "test/plugin:latest")?;
+    let opts = NodeOptions {
+        insecure: vec![registry.addr()],
+        ..NodeOptions::default()
+    };
+    let mut node = Node::start(dir, "node", &opts)?;
+    let containerd = Containerd::start(&dir.join("containerd"), &proxy_config(&node))?;
+    let plugins = containerd.ctr_ok(&["plugins", "ls"])?;
+    ensure!(
+        plugins
+            .lines()
+            .any(|l| l.contains("shoal") && l.contains("ok")),
+        "shoal plugin not loaded:\n{plugins}"
+    );
+
+    containerd.ctr_ok(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "shoal",
+        &image.reference,
+    ])?;
+    let snapshots = containerd.ctr_ok(&["snapshots", "--snapshotter", "shoal", "ls"])?;
+    ensure!(
+        snapshots.lines().count() > image.layers.len(),
+        "expected one committed snapshot per layer:\n{snapshots}"
+    );
+
+    // Restart the node between pull and run: the snapshots must survive.
+    node.child.stop()?;
+    node = Node::start(dir, "node", &opts)?;
+    // containerd redials the proxy with a short backoff; a user sees a brief Unavailable.
+    shoal_integration::wait_until(
+        Duration::from_secs(10),
+        "containerd to reconnect to shoal",
+        || {
+            Ok(containerd
+                .ctr(&["snapshots", "--snapshotter", "shoal", "ls"])?
+                .status
+                .success())
+        },
+    )?;
+
+    let out = containerd.run_with(
+        &["--rm", "--snapshotter", "shoal"],
+        &image.reference,
+        "plugin-run",
+        &[],
+    )?;
+    ensure!(
+        out == "replaced by the top layer\n1048576\n",
+        "container printed {out:?}"
+    );
+
+    let marker = "written-inside-the-container";
+    containerd.run_with(
+        &["--snapshotter", "shoal"],
+        &image.reference,
+        "plugin-write",
+        &["/bin/sh", "-c", &format!("echo hi > /{marker}")],
+    )?;
+    let found = find_in_snapshots(&node, marker)?;
+    ensure!(
+        found.len() == 1,
+        "the container's write is not in one Shoal upper dir: {found:?}"
+    );
+    ensure!(std::fs::read_to_string(&found[0])? == "hi\n");
+    containerd.ctr_ok(&["container", "rm", "plugin-write"])?;
+    // containerd's garbage collector removes the container's snapshot through Shoal, soon after.
+    shoal_integration::wait_until(
+        Duration::from_secs(20),
+        "the container's snapshot to be removed",
+        || Ok(find_in_snapshots(&node, marker)?.is_empty()),
+    )?;
+    Ok(())
+}
