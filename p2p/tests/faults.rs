@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{init_logs, random_blob, served, start_peer, start_registry};
+use common::{init_logs, random_blob, served, start_peer, start_peer_capped, start_registry};
 use shoal_p2p::Digest;
 use shoal_p2p::swarm::P2pConfig;
 use shoal_p2p::tracker::{self, TrackerConfig};
@@ -105,5 +105,41 @@ async fn a_peer_dying_mid_transfer_costs_time_not_correctness() -> anyhow::Resul
         data.len() as u64,
         "the rest came from upstream, once"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_blobs_are_still_evicted_under_the_store_cap() -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let shutdown = CancellationToken::new();
+    let _guard = shutdown.clone().drop_guard();
+    let (a, b) = (random_blob(5 << 20), random_blob((5 << 20) + 1));
+    let (reg_a, _) = start_registry(a.clone()).await?;
+    let (reg_b, _) = start_registry(b.clone()).await?;
+    // No tracker: the node fetches upstream and seeds what it has.
+    let node = start_peer_capped(
+        dir.path(),
+        "node",
+        &[&reg_a, &reg_b],
+        P2pConfig::default(),
+        8 << 20,
+        &shutdown,
+    )
+    .await?;
+    let blob_a = node
+        .fetch(Digest::of(&a), Some(BlobSource::new(reg_a, "test/blob")))
+        .await?;
+    read_all(&blob_a).await?;
+    drop(blob_a);
+    let blob_b = node
+        .fetch(Digest::of(&b), Some(BlobSource::new(reg_b, "test/blob")))
+        .await?;
+    read_all(&blob_b).await?;
+    assert!(
+        node.store().get(&Digest::of(&a)).is_none(),
+        "the seeded blob was kept over the cap"
+    );
+    assert!(blob_b.is_complete());
     Ok(())
 }

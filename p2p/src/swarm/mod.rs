@@ -312,26 +312,39 @@ impl Swarm {
         if let Some(blob) = self.ctx.store.get(&digest).filter(Blob::is_complete) {
             return Ok(blob);
         }
-        let mut rx = self.torrent(digest, source).blob;
+        let mut rx = self.torrent(digest, source).layout;
         let timeout = Duration::from_millis(self.ctx.cfg.layout_timeout_ms);
-        let wait = rx.wait_for(Option::is_some);
-        match tokio::time::timeout(timeout, wait).await {
-            Err(_) => Err(SwarmError::NoLayout { digest, timeout }),
-            Ok(Err(_)) => Err(SwarmError::Shutdown),
-            Ok(Ok(state)) => match state.as_ref() {
-                Some(Ok(blob)) => Ok(blob.clone()),
-                Some(Err(why)) => {
-                    let why = why.clone();
-                    drop(state);
-                    // Let the next fetch start over with a fresh torrent.
-                    self.torrents
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&digest);
-                    Err(SwarmError::Failed { digest, why })
-                }
-                None => Err(SwarmError::NoLayout { digest, timeout }),
-            },
+        let state = match tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await {
+            Err(_) => return Err(SwarmError::NoLayout { digest, timeout }),
+            Ok(Err(_)) => return Err(SwarmError::Shutdown),
+            Ok(Ok(state)) => state.clone(),
+        };
+        match state {
+            Some(Ok(())) => self
+                .ctx
+                .store
+                .get(&digest)
+                .ok_or_else(|| SwarmError::Failed {
+                    digest,
+                    why: "removed from the store meanwhile".into(),
+                }),
+            Some(Err(why)) => {
+                // Let the next fetch start over with a fresh torrent.
+                self.torrents
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&digest);
+                Err(SwarmError::Failed { digest, why })
+            }
+            None => Err(SwarmError::NoLayout { digest, timeout }),
+        }
+    }
+
+    /// Starts seeding a complete blob that arrived by another door (containerd's content
+    /// store), so whatever containerd has, the swarm can fetch from this node.
+    pub fn seed(&self, digest: Digest) {
+        if self.ctx.store.get(&digest).is_some_and(|b| b.is_complete()) {
+            self.torrent(digest, None);
         }
     }
 

@@ -92,8 +92,9 @@ pub(super) enum Event {
 #[derive(Clone, Debug)]
 pub(super) struct TorrentHandle {
     pub events: mpsc::Sender<Event>,
-    /// `Some` once the blob's layout is known; `Err` if the torrent gave up.
-    pub blob: watch::Receiver<Option<Result<Blob, String>>>,
+    /// `Some(Ok)` once the blob's layout is known and it is in the store; `Err` if the
+    /// torrent gave up.
+    pub layout: watch::Receiver<Option<Result<(), String>>>,
 }
 
 struct Peer {
@@ -111,8 +112,14 @@ pub(super) struct Torrent {
     source: Option<BlobSource>,
     ctx: Arc<SwarmCtx>,
     events_tx: mpsc::Sender<Event>,
-    blob_tx: watch::Sender<Option<Result<Blob, String>>>,
+    /// `Some(Ok)` once the layout is known and the blob is open in the store.
+    layout_tx: watch::Sender<Option<Result<(), String>>>,
+    /// Held while downloading; dropped once complete, so a seeded blob is not "in use" and the
+    /// store may evict it (the torrent then ends). Connections hold their own handles.
     blob: Option<Blob>,
+    size: Option<u64>,
+    /// The blob left the store (evicted or removed): stop announcing and end.
+    gone: bool,
     sched: Option<Scheduler>,
     avail: Arc<Vec<AtomicU16>>,
     peers: HashMap<u64, Peer>,
@@ -144,14 +151,16 @@ impl Torrent {
         existing: Option<Blob>,
     ) -> TorrentHandle {
         let (events_tx, events_rx) = mpsc::channel(64);
-        let (blob_tx, blob_rx) = watch::channel(None);
+        let (layout_tx, layout_rx) = watch::channel(None);
         let mut t = Torrent {
             digest,
             source,
             ctx: ctx.clone(),
             events_tx: events_tx.clone(),
-            blob_tx,
+            layout_tx,
             blob: None,
+            size: None,
+            gone: false,
             sched: None,
             avail: Arc::new(Vec::new()),
             peers: HashMap::new(),
@@ -178,7 +187,7 @@ impl Torrent {
         ctx.tasks.spawn(t.run(events_rx));
         TorrentHandle {
             events: events_tx,
-            blob: blob_rx,
+            layout: layout_rx,
         }
     }
 
@@ -194,6 +203,10 @@ impl Torrent {
                     None => break,
                 },
             }
+            if self.gone {
+                debug!(digest = %self.digest, "blob left the store; torrent ends");
+                break;
+            }
             self.schedule();
         }
         for p in self.peers.values() {
@@ -205,8 +218,9 @@ impl Torrent {
         let have = blob.have();
         self.avail = Arc::new((0..have.len()).map(|_| AtomicU16::new(0)).collect());
         self.sched = Some(Scheduler::new(have));
-        self.blob = Some(blob.clone());
-        self.blob_tx.send_replace(Some(Ok(blob)));
+        self.size = Some(blob.size());
+        self.blob = (!blob.is_complete()).then_some(blob);
+        self.layout_tx.send_replace(Some(Ok(())));
         for (transport, hello, addr) in std::mem::take(&mut self.waiting_incoming) {
             self.establish(transport, hello, true, addr);
         }
@@ -214,6 +228,9 @@ impl Torrent {
 
     /// Learns the blob's layout (from the tracker, a peer, or upstream) and opens it in the store.
     fn learn_layout(&mut self, meta: &Metainfo) {
+        if self.complete() {
+            return;
+        }
         if let Some(blob) = &self.blob {
             if let Err(e) = blob.learn_hashes(meta) {
                 warn!(digest = %self.digest, error = %e, "tracker metainfo conflicts with ours");
@@ -228,7 +245,7 @@ impl Torrent {
 
     fn fail(&mut self, why: String) {
         warn!(digest = %self.digest, %why, "torrent failed");
-        self.blob_tx.send_replace(Some(Err(why)));
+        self.layout_tx.send_replace(Some(Err(why)));
     }
 
     fn complete(&self) -> bool {
@@ -237,6 +254,10 @@ impl Torrent {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        if self.complete() && self.ctx.store.get(&self.digest).is_none() {
+            self.gone = true;
+            return;
+        }
         if !self.announcing && now >= self.next_announce {
             self.announce();
         }
@@ -270,7 +291,7 @@ impl Torrent {
             seed: self.ctx.cfg.seed,
             blob: Some(BlobAnnounce {
                 digest: self.digest,
-                size: self.blob.as_ref().map(Blob::size),
+                size: self.size,
                 complete: self.complete(),
                 source: self.source.clone(),
             }),
@@ -381,7 +402,7 @@ impl Torrent {
             }
             self.drop_peer(old, "replaced by a simultaneous connection");
         }
-        if self.blob.is_none() {
+        if self.size.is_none() {
             if hello.size != UNKNOWN_SIZE {
                 match Metainfo::empty(self.digest, hello.size) {
                     Ok(meta) => self.learn_layout(&meta),
@@ -400,7 +421,12 @@ impl Torrent {
                 return;
             }
         }
-        let Some(blob) = self.blob.clone() else {
+        let Some(blob) = self
+            .blob
+            .clone()
+            .or_else(|| self.ctx.store.get(&self.digest))
+        else {
+            self.gone = true;
             return;
         };
         // The accepting side answers the hello only now, with the size it knows.
@@ -456,7 +482,7 @@ impl Torrent {
         Hello {
             peer_id: self.ctx.peer_id,
             digest: self.digest,
-            size: self.blob.as_ref().map_or(UNKNOWN_SIZE, Blob::size),
+            size: self.size.unwrap_or(UNKNOWN_SIZE),
             source: self.source.clone(),
         }
     }
@@ -580,6 +606,7 @@ impl Torrent {
                 if self.complete() {
                     info!(digest = %self.digest, "blob complete and verified");
                     self.ctx.metrics.blobs_completed.inc();
+                    self.blob = None;
                     self.backsource = false;
                     self.next_announce = Instant::now();
                 }
@@ -725,7 +752,7 @@ impl Torrent {
     /// Starts whatever work is due: connections, requests to peers, upstream fetches.
     fn schedule(&mut self) {
         self.dial_peers();
-        if self.blob.is_none() {
+        if self.size.is_none() {
             if (self.backsource || self.tracker_down) && !self.size_query {
                 self.query_size();
             }

@@ -76,12 +76,24 @@ pub async fn start_peer(
     cfg: P2pConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Arc<Swarm>> {
+    start_peer_capped(dir, name, &[registry], cfg, u64::MAX, shutdown).await
+}
+
+/// A peer whose blob store holds at most `capacity` bytes, talking to several registries.
+pub async fn start_peer_capped(
+    dir: &std::path::Path,
+    name: &str,
+    registries: &[&str],
+    cfg: P2pConfig,
+    capacity: u64,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<Swarm>> {
     let store = BlobStore::open(&StoreConfig {
         root: dir.join(name),
-        capacity: u64::MAX,
+        capacity,
     })?;
     let upstream = Upstream::new(&RegistryConfig {
-        insecure: vec![registry.to_owned()],
+        insecure: registries.iter().map(|r| r.to_string()).collect(),
         ..RegistryConfig::default()
     })?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
