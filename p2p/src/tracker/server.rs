@@ -134,16 +134,15 @@ async fn announce(AxumState(s): Ctx, Json(req): Json<AnnounceRequest>) -> Json<A
     Json(resp)
 }
 
-fn parse_digest(raw: &str) -> Result<Digest, Response> {
-    raw.parse().map_err(|e: crate::digest::DigestError| {
-        (StatusCode::BAD_REQUEST, e.to_string()).into_response()
-    })
+fn parse_digest(raw: &str) -> Result<Digest, (StatusCode, String)> {
+    raw.parse()
+        .map_err(|e: crate::digest::DigestError| (StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 async fn metainfo(AxumState(s): Ctx, Path(digest): Path<String>) -> Response {
     let digest = match parse_digest(&digest) {
         Ok(d) => d,
-        Err(resp) => return resp,
+        Err(bad) => return bad.into_response(),
     };
     match lock(&s).metainfo(&digest) {
         Some(meta) => Json(meta).into_response(),
@@ -158,7 +157,7 @@ async fn publish(
 ) -> Response {
     let digest = match parse_digest(&digest) {
         Ok(d) => d,
-        Err(resp) => return resp,
+        Err(bad) => return bad.into_response(),
     };
     let result = lock(&s).publish(digest, req, Instant::now());
     match result {

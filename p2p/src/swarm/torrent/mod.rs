@@ -1,0 +1,445 @@
+//! One blob's download and seeding: an actor that owns the piece scheduler, the peer set, the
+//! tracker announces and the upstream fetches for that blob.
+//!
+//! Connections and helper tasks report to it through [`Event`]s; it alone decides what to
+//! request, so no lock guards the scheduling state. Blocking work (writing and hashing pieces)
+//! runs on the blocking pool and reports back as events too.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+mod peers;
+mod pieces;
+mod upstream;
+
+use super::conn::{self, Conn, Transport};
+use super::scheduler::Scheduler;
+use super::{SwarmCtx, SwarmError};
+use crate::bitfield::Bitfield;
+use crate::digest::Digest;
+use crate::metainfo::{Metainfo, PieceHash};
+use crate::store::{Blob, PieceWrite, StoreError};
+use crate::tracker::api::{
+    AnnounceRequest, AnnounceResponse, BlobAnnounce, PublishRequest, ReportKind, ReportRequest,
+};
+use crate::tracker::client::TrackerError;
+use crate::upstream::BlobSource;
+use crate::wire::{Hello, Message, PeerId, UNKNOWN_SIZE};
+
+/// Requests in flight to one peer: enough to keep a LAN link busy between round trips.
+const PER_PEER_INFLIGHT: usize = 4;
+/// Pieces held for want of a hash; beyond this they are dropped and fetched again later.
+const MAX_PENDING: usize = 8;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+const REJECT_COOLDOWN: Duration = Duration::from_millis(300);
+const TICK: Duration = Duration::from_millis(200);
+/// Bad pieces a peer may send before we hang up on it for good.
+const MAX_STRIKES: u32 = 2;
+
+/// What connections and helper tasks tell the torrent.
+#[derive(Debug)]
+pub(super) enum Event {
+    Established {
+        transport: Transport,
+        hello: Hello,
+        incoming: bool,
+        addr: String,
+    },
+    Bitfield {
+        conn: u64,
+        bits: Bytes,
+    },
+    Have {
+        conn: u64,
+        index: u32,
+    },
+    Piece {
+        conn: u64,
+        index: u32,
+        data: Bytes,
+    },
+    Reject {
+        conn: u64,
+        index: u32,
+    },
+    Gone {
+        conn: u64,
+        reason: String,
+    },
+    DialFailed {
+        addr: String,
+    },
+    Announced(Result<AnnounceResponse, TrackerError>),
+    MetaRefreshed(Result<Option<Metainfo>, TrackerError>),
+    SizeKnown(Result<u64, String>),
+    Upstream {
+        index: u32,
+        result: Result<Bytes, String>,
+    },
+    Written {
+        index: u32,
+        from: Option<(u64, PeerId)>,
+        data: Bytes,
+        result: Result<PieceWrite, StoreError>,
+    },
+    Want(std::ops::Range<u64>),
+}
+
+/// The handle the rest of the node holds on a torrent.
+#[derive(Clone, Debug)]
+pub(super) struct TorrentHandle {
+    pub events: mpsc::Sender<Event>,
+    /// `Some(Ok)` once the blob's layout is known and it is in the store; `Err` if the
+    /// torrent gave up.
+    pub layout: watch::Receiver<Option<Result<(), String>>>,
+}
+
+struct Peer {
+    peer_id: PeerId,
+    addr: String,
+    tx: mpsc::Sender<Message>,
+    cancel: CancellationToken,
+    has: Bitfield,
+    inflight: HashMap<u32, Instant>,
+    rejected: HashMap<u32, Instant>,
+}
+
+pub(super) struct Torrent {
+    digest: Digest,
+    source: Option<BlobSource>,
+    ctx: Arc<SwarmCtx>,
+    events_tx: mpsc::Sender<Event>,
+    /// `Some(Ok)` once the layout is known and the blob is open in the store.
+    layout_tx: watch::Sender<Option<Result<(), String>>>,
+    /// Held while downloading; dropped once complete, so a seeded blob is not "in use" and the
+    /// store may evict it (the torrent then ends). Connections hold their own handles.
+    blob: Option<Blob>,
+    size: Option<u64>,
+    /// The blob left the store (evicted or removed): stop announcing and end.
+    gone: bool,
+    sched: Option<Scheduler>,
+    avail: Arc<Vec<AtomicU16>>,
+    peers: HashMap<u64, Peer>,
+    next_conn: u64,
+    dialing: HashSet<String>,
+    /// Addresses from the tracker we may connect to.
+    known: HashMap<String, PeerId>,
+    strikes: HashMap<PeerId, u32>,
+    banned: HashSet<PeerId>,
+    backsource: bool,
+    tracker_down: bool,
+    next_announce: Instant,
+    announcing: bool,
+    size_query: bool,
+    upstream_inflight: usize,
+    pending: HashMap<u32, (Bytes, Option<(u64, PeerId)>)>,
+    writing: HashSet<u32>,
+    refreshing: bool,
+    refresh_again: bool,
+    /// Incoming connections that arrived before we knew the blob's size.
+    waiting_incoming: Vec<(Transport, Hello, String)>,
+}
+
+impl Torrent {
+    pub(super) fn spawn(
+        ctx: Arc<SwarmCtx>,
+        digest: Digest,
+        source: Option<BlobSource>,
+        existing: Option<Blob>,
+    ) -> TorrentHandle {
+        let (events_tx, events_rx) = mpsc::channel(64);
+        let (layout_tx, layout_rx) = watch::channel(None);
+        let mut t = Torrent {
+            digest,
+            source,
+            ctx: ctx.clone(),
+            events_tx: events_tx.clone(),
+            layout_tx,
+            blob: None,
+            size: None,
+            gone: false,
+            sched: None,
+            avail: Arc::new(Vec::new()),
+            peers: HashMap::new(),
+            next_conn: 0,
+            dialing: HashSet::new(),
+            known: HashMap::new(),
+            strikes: HashMap::new(),
+            banned: HashSet::new(),
+            backsource: false,
+            tracker_down: ctx.tracker.is_none(),
+            next_announce: Instant::now(),
+            announcing: false,
+            size_query: false,
+            upstream_inflight: 0,
+            pending: HashMap::new(),
+            writing: HashSet::new(),
+            refreshing: false,
+            refresh_again: false,
+            waiting_incoming: Vec::new(),
+        };
+        if let Some(blob) = existing {
+            t.set_blob(blob);
+        }
+        ctx.tasks.spawn(t.run(events_rx));
+        TorrentHandle {
+            events: events_tx,
+            layout: layout_rx,
+        }
+    }
+
+    async fn run(mut self, mut events: mpsc::Receiver<Event>) {
+        let mut tick = tokio::time::interval(TICK);
+        let shutdown = self.ctx.shutdown.clone();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = tick.tick() => self.on_tick(),
+                ev = events.recv() => match ev {
+                    Some(ev) => self.on_event(ev),
+                    None => break,
+                },
+            }
+            if self.gone {
+                debug!(digest = %self.digest, "blob left the store; torrent ends");
+                break;
+            }
+            self.schedule();
+        }
+        for p in self.peers.values() {
+            p.cancel.cancel();
+        }
+    }
+
+    fn set_blob(&mut self, blob: Blob) {
+        let have = blob.have();
+        self.avail = Arc::new((0..have.len()).map(|_| AtomicU16::new(0)).collect());
+        self.sched = Some(Scheduler::new(have));
+        self.size = Some(blob.size());
+        self.blob = (!blob.is_complete()).then_some(blob);
+        self.layout_tx.send_replace(Some(Ok(())));
+        for (transport, hello, addr) in std::mem::take(&mut self.waiting_incoming) {
+            self.establish(transport, hello, true, addr);
+        }
+    }
+
+    /// Learns the blob's layout (from the tracker, a peer, or upstream) and opens it in the store.
+    fn learn_layout(&mut self, meta: &Metainfo) {
+        if self.complete() {
+            return;
+        }
+        if let Some(blob) = &self.blob {
+            if let Err(e) = blob.learn_hashes(meta) {
+                warn!(digest = %self.digest, error = %e, "tracker metainfo conflicts with ours");
+            }
+            return;
+        }
+        match self.ctx.store.open_blob(meta) {
+            Ok(blob) => self.set_blob(blob),
+            Err(e) => self.fail(format!("opening {} in the store: {e}", self.digest)),
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        warn!(digest = %self.digest, %why, "torrent failed");
+        self.layout_tx.send_replace(Some(Err(why)));
+    }
+
+    fn complete(&self) -> bool {
+        self.sched.as_ref().is_some_and(Scheduler::is_complete)
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        if self.complete() && self.ctx.store.get(&self.digest).is_none() {
+            self.gone = true;
+            return;
+        }
+        if !self.announcing && now >= self.next_announce {
+            self.announce();
+        }
+        // Requests that took too long go back in the pool.
+        for peer in self.peers.values_mut() {
+            let expired: Vec<u32> = peer
+                .inflight
+                .iter()
+                .filter(|(_, t)| now - **t > REQUEST_TIMEOUT)
+                .map(|(i, _)| *i)
+                .collect();
+            for i in expired {
+                peer.inflight.remove(&i);
+                let _ = peer.tx.try_send(Message::Cancel(i));
+                if let Some(s) = self.sched.as_mut() {
+                    s.request_done(i);
+                }
+            }
+            peer.rejected.retain(|_, t| now - *t < REJECT_COOLDOWN);
+        }
+    }
+
+    fn announce(&mut self) {
+        let Some(tracker) = self.ctx.tracker.clone() else {
+            return;
+        };
+        self.announcing = true;
+        let req = AnnounceRequest {
+            peer_id: self.ctx.peer_id,
+            addr: self.ctx.advertise.clone(),
+            seed: self.ctx.cfg.seed,
+            blob: Some(BlobAnnounce {
+                digest: self.digest,
+                size: self.size,
+                complete: self.complete(),
+                source: self.source.clone(),
+            }),
+        };
+        let tx = self.events_tx.clone();
+        self.ctx.tasks.spawn(async move {
+            let _ = tx
+                .send(Event::Announced(tracker.announce(&req).await))
+                .await;
+        });
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Established {
+                transport,
+                hello,
+                incoming,
+                addr,
+            } => self.establish(transport, hello, incoming, addr),
+            Event::DialFailed { addr } => {
+                self.dialing.remove(&addr);
+            }
+            Event::Bitfield { conn, bits } => self.on_bitfield(conn, &bits),
+            Event::Have { conn, index } => {
+                if let (Some(p), Some(s)) = (self.peers.get_mut(&conn), self.sched.as_mut())
+                    && p.has.set(index)
+                {
+                    s.peer_has(index);
+                    self.avail[index as usize].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Event::Piece { conn, index, data } => self.on_piece(conn, index, data),
+            Event::Reject { conn, index } => {
+                if let Some(p) = self.peers.get_mut(&conn)
+                    && p.inflight.remove(&index).is_some()
+                {
+                    p.rejected.insert(index, Instant::now());
+                    if let Some(s) = self.sched.as_mut() {
+                        s.request_done(index);
+                    }
+                }
+            }
+            Event::Gone { conn, reason } => self.drop_peer(conn, &reason),
+            Event::Announced(res) => self.on_announced(res),
+            Event::MetaRefreshed(res) => self.on_refreshed(res),
+            Event::SizeKnown(res) => {
+                self.size_query = false;
+                match res
+                    .map_err(|e| e.to_string())
+                    .and_then(|size| Metainfo::empty(self.digest, size).map_err(|e| e.to_string()))
+                {
+                    Ok(meta) => self.learn_layout(&meta),
+                    Err(e) => {
+                        warn!(digest = %self.digest, error = %e, "asking upstream for the blob size")
+                    }
+                }
+            }
+            Event::Upstream { index, result } => {
+                self.upstream_inflight -= 1;
+                if let Some(s) = self.sched.as_mut() {
+                    s.request_done(index);
+                }
+                match result {
+                    Ok(data) => {
+                        self.ctx
+                            .metrics
+                            .bytes_from_upstream
+                            .inc_by(data.len() as u64);
+                        self.write(index, data, None);
+                    }
+                    Err(e) => {
+                        warn!(digest = %self.digest, index, error = %e, "fetching piece upstream")
+                    }
+                }
+            }
+            Event::Written {
+                index,
+                from,
+                data,
+                result,
+            } => self.on_written(index, from, data, result),
+            Event::Want(range) => {
+                if let (Some(b), Some(s)) = (&self.blob, self.sched.as_mut()) {
+                    s.prioritize(b.metainfo().pieces_for(range));
+                }
+            }
+        }
+    }
+
+    fn on_announced(&mut self, res: Result<AnnounceResponse, TrackerError>) {
+        self.announcing = false;
+        let now = Instant::now();
+        match res {
+            Ok(resp) => {
+                self.tracker_down = false;
+                let interval = Duration::from_millis(resp.interval_ms.clamp(100, 60_000));
+                self.next_announce = now
+                    + if self.complete() {
+                        interval * 5
+                    } else {
+                        interval
+                    };
+                if let Some(meta) = &resp.metainfo
+                    && meta.digest == self.digest
+                {
+                    self.learn_layout(meta);
+                    if !self.pending.is_empty() {
+                        self.on_refreshed(Ok(None));
+                    }
+                }
+                self.backsource = resp.backsource;
+                for p in resp.peers {
+                    if p.peer_id != self.ctx.peer_id && !self.banned.contains(&p.peer_id) {
+                        self.known.insert(p.addr, p.peer_id);
+                    }
+                }
+            }
+            Err(e) => {
+                if !self.tracker_down {
+                    warn!(digest = %self.digest, error = %e, "tracker unreachable: using known peers and upstream");
+                }
+                self.tracker_down = true;
+                self.next_announce = now + Duration::from_secs(2);
+            }
+        }
+    }
+
+    /// Starts whatever work is due: connections, requests to peers, upstream fetches.
+    fn schedule(&mut self) {
+        self.dial_peers();
+        if self.size.is_none() {
+            if (self.backsource || self.tracker_down) && !self.size_query {
+                self.query_size();
+            }
+            return;
+        }
+        self.request_from_peers();
+        self.fetch_upstream();
+    }
+}
+
+impl From<TrackerError> for SwarmError {
+    fn from(e: TrackerError) -> Self {
+        SwarmError::Tracker(e.to_string())
+    }
+}

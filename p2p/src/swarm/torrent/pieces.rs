@@ -1,0 +1,192 @@
+//! Pieces arriving: storing them on the blocking pool, holding those whose hash is not yet
+//! published, and dealing with pieces that fail verification.
+
+use super::*;
+
+impl Torrent {
+    pub(super) fn on_piece(&mut self, conn: u64, index: u32, data: Bytes) {
+        let Some(peer) = self.peers.get_mut(&conn) else {
+            return;
+        };
+        if peer.inflight.remove(&index).is_none() {
+            self.ctx.metrics.pieces_wasted.inc();
+            return;
+        }
+        let from = Some((conn, peer.peer_id));
+        if let Some(s) = self.sched.as_mut() {
+            s.request_done(index);
+        }
+        if self.sched.as_ref().is_some_and(|s| s.have().get(index)) || self.writing.contains(&index)
+        {
+            self.ctx.metrics.pieces_wasted.inc();
+            return;
+        }
+        self.write(index, data, from);
+    }
+
+    /// Hands a piece to the store on the blocking pool; the result comes back as `Written`.
+    pub(super) fn write(&mut self, index: u32, data: Bytes, from: Option<(u64, PeerId)>) {
+        let Some(blob) = self.blob.clone() else {
+            return;
+        };
+        self.writing.insert(index);
+        // Not requested, not had: without this mark the piece would be fetched again meanwhile.
+        if let Some(s) = self.sched.as_mut() {
+            s.set_pending(index, true);
+        }
+        let tx = self.events_tx.clone();
+        self.ctx.tasks.spawn(async move {
+            let d = data.clone();
+            let result =
+                tokio::task::spawn_blocking(move || blob.write_piece(index, &d, from.is_none()))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(StoreError::Corrupt(format!("piece writer panicked: {e}")))
+                    });
+            let _ = tx
+                .send(Event::Written {
+                    index,
+                    from,
+                    data,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    pub(super) fn on_written(
+        &mut self,
+        index: u32,
+        from: Option<(u64, PeerId)>,
+        data: Bytes,
+        result: Result<PieceWrite, StoreError>,
+    ) {
+        self.writing.remove(&index);
+        if let Some(s) = self.sched.as_mut() {
+            s.set_pending(index, false);
+        }
+        match result {
+            Ok(PieceWrite::Added) => {
+                if from.is_some() {
+                    self.ctx.metrics.bytes_from_peers.inc_by(data.len() as u64);
+                }
+                if let Some(s) = self.sched.as_mut() {
+                    s.got(index);
+                }
+                for p in self.peers.values_mut() {
+                    let _ = p.tx.try_send(Message::Have(index));
+                    if p.inflight.remove(&index).is_some() {
+                        let _ = p.tx.try_send(Message::Cancel(index));
+                        if let Some(s) = self.sched.as_mut() {
+                            s.request_done(index);
+                        }
+                    }
+                }
+                if self.complete() {
+                    info!(digest = %self.digest, "blob complete and verified");
+                    self.ctx.metrics.blobs_completed.inc();
+                    self.blob = None;
+                    self.backsource = false;
+                    self.next_announce = Instant::now();
+                }
+            }
+            Ok(PieceWrite::Duplicate) => {
+                self.ctx.metrics.pieces_wasted.inc();
+            }
+            Ok(PieceWrite::HashUnknown) => {
+                if self.pending.len() < MAX_PENDING {
+                    self.pending.insert(index, (data, from));
+                    if let Some(s) = self.sched.as_mut() {
+                        s.set_pending(index, true);
+                    }
+                }
+                self.refresh_metainfo();
+            }
+            Err(StoreError::PieceMismatch { .. }) | Err(StoreError::PieceLength { .. }) => {
+                self.ctx.metrics.verification_failures.inc();
+                let culprit = from.map(|(_, id)| id);
+                warn!(digest = %self.digest, index, ?culprit, "piece failed verification; fetching it elsewhere");
+                self.report(ReportKind::BadPiece, culprit);
+                if let Some((conn, id)) = from {
+                    let strikes = self.strikes.entry(id).or_default();
+                    *strikes += 1;
+                    if *strikes >= MAX_STRIKES {
+                        self.banned.insert(id);
+                        self.drop_peer(conn, "sent pieces that fail verification");
+                    }
+                }
+            }
+            Err(e @ StoreError::DigestMismatch { .. }) => {
+                self.ctx.metrics.verification_failures.inc();
+                self.report(ReportKind::BadBlob, None);
+                self.fail(e.to_string());
+            }
+            Err(e) => warn!(digest = %self.digest, index, error = %e, "storing piece"),
+        }
+    }
+
+    pub(super) fn report(&self, kind: ReportKind, culprit: Option<PeerId>) {
+        let Some(tracker) = self.ctx.tracker.clone() else {
+            return;
+        };
+        let req = ReportRequest {
+            reporter: self.ctx.peer_id,
+            digest: self.digest,
+            kind,
+            culprit,
+        };
+        self.ctx.tasks.spawn(async move {
+            if let Err(e) = tracker.report(&req).await {
+                debug!(error = %e, "reporting to tracker");
+            }
+        });
+    }
+
+    pub(super) fn refresh_metainfo(&mut self) {
+        let Some(tracker) = self.ctx.tracker.clone() else {
+            return;
+        };
+        if self.refreshing {
+            self.refresh_again = true;
+            return;
+        }
+        self.refreshing = true;
+        let (tx, digest) = (self.events_tx.clone(), self.digest);
+        self.ctx.tasks.spawn(async move {
+            let _ = tx
+                .send(Event::MetaRefreshed(tracker.metainfo(&digest).await))
+                .await;
+        });
+    }
+
+    pub(super) fn on_refreshed(&mut self, res: Result<Option<Metainfo>, TrackerError>) {
+        self.refreshing = false;
+        match res {
+            Ok(Some(meta)) => self.learn_layout(&meta),
+            Ok(None) => {}
+            Err(e) => debug!(error = %e, "refreshing metainfo"),
+        }
+        let known = self.blob.as_ref().map(Blob::metainfo);
+        let ready: Vec<u32> = self
+            .pending
+            .keys()
+            .copied()
+            .filter(|i| {
+                known
+                    .as_ref()
+                    .is_some_and(|m| m.pieces[*i as usize].is_some())
+            })
+            .collect();
+        for index in ready {
+            if let Some((data, from)) = self.pending.remove(&index) {
+                if let Some(s) = self.sched.as_mut() {
+                    s.set_pending(index, false);
+                }
+                self.write(index, data, from);
+            }
+        }
+        if std::mem::take(&mut self.refresh_again) && !self.pending.is_empty() {
+            self.refresh_metainfo();
+        }
+    }
+}

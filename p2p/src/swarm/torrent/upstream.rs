@@ -1,0 +1,89 @@
+//! Back-sourcing: fetching pieces from the upstream registry when this peer holds the lease
+//! (or the tracker is down), publishing each piece's hash before anyone can ask for it.
+
+use super::*;
+
+impl Torrent {
+    pub(super) fn may_backsource(&self) -> bool {
+        self.source.is_some()
+            && (self.backsource || (self.tracker_down && self.ctx.cfg.fallback_to_upstream))
+    }
+
+    pub(super) fn query_size(&mut self) {
+        let Some(source) = self.source.clone() else {
+            return;
+        };
+        self.size_query = true;
+        let (tx, upstream, digest) = (
+            self.events_tx.clone(),
+            self.ctx.upstream.clone(),
+            self.digest,
+        );
+        self.ctx.tasks.spawn(async move {
+            let res = upstream
+                .blob_size(&source, &digest)
+                .await
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Event::SizeKnown(res)).await;
+        });
+    }
+
+    pub(super) fn fetch_upstream(&mut self) {
+        if !self.may_backsource() {
+            return;
+        }
+        let (Some(s), Some(blob), Some(source)) =
+            (self.sched.as_mut(), self.blob.clone(), self.source.clone())
+        else {
+            return;
+        };
+        while self.upstream_inflight < self.ctx.cfg.upstream_concurrency {
+            let Some(index) = s.pick_for_upstream() else {
+                break;
+            };
+            s.requested(index);
+            self.upstream_inflight += 1;
+            let meta = blob.metainfo();
+            let range = meta.piece_range(index);
+            let (tx, ctx, digest, source) = (
+                self.events_tx.clone(),
+                self.ctx.clone(),
+                self.digest,
+                source.clone(),
+            );
+            self.ctx.tasks.spawn(async move {
+                let result =
+                    fetch_and_publish(&ctx, &source, digest, meta.size, index, range).await;
+                let _ = tx.send(Event::Upstream { index, result }).await;
+            });
+        }
+    }
+}
+
+/// Fetches one piece upstream and publishes its hash to the tracker before anyone can ask us
+/// for it, so peers that receive it can always verify it.
+async fn fetch_and_publish(
+    ctx: &SwarmCtx,
+    source: &BlobSource,
+    digest: Digest,
+    size: u64,
+    index: u32,
+    range: std::ops::Range<u64>,
+) -> Result<Bytes, String> {
+    let data = ctx
+        .upstream
+        .fetch_range(source, &digest, range)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(tracker) = &ctx.tracker {
+        let req = PublishRequest {
+            peer_id: ctx.peer_id,
+            size,
+            pieces: vec![(index, PieceHash::of(&data))],
+        };
+        if let Err(e) = tracker.publish(&digest, &req).await {
+            debug!(%digest, index, error = %e, "publishing piece hash");
+        }
+    }
+    Ok(data)
+}
