@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod config;
+pub mod content;
 pub mod mirror;
 pub mod node;
 pub mod snapshotter;

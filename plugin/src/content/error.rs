@@ -41,7 +41,11 @@ pub enum Error {
         waited: Duration,
     },
     #[error("bytes {start}..{end} of {digest} are not on this node and there is no swarm")]
-    Missing { digest: Digest, start: u64, end: u64 },
+    Missing {
+        digest: Digest,
+        start: u64,
+        end: u64,
+    },
     #[error("swarm")]
     Swarm(#[from] SwarmError),
     #[error("blob store")]

@@ -52,17 +52,23 @@ impl Filter {
         let any = filters
             .iter()
             .map(|f| {
-                Parser { s: f, pos: 0 }.filter().map_err(|reason| Error::Filter {
-                    filter: f.chars().take(256).collect(),
-                    reason,
-                })
+                Parser { s: f, pos: 0 }
+                    .filter()
+                    .map_err(|reason| Error::Filter {
+                        filter: f.chars().take(256).collect(),
+                        reason,
+                    })
             })
             .collect::<Result<_, _>>()?;
         Ok(Filter { any })
     }
 
     pub fn matches(&self, item: &impl Fields) -> bool {
-        self.any.is_empty() || self.any.iter().any(|all| all.iter().all(|s| s.matches(item)))
+        self.any.is_empty()
+            || self
+                .any
+                .iter()
+                .any(|all| all.iter().all(|s| s.matches(item)))
     }
 }
 
@@ -179,7 +185,9 @@ impl Parser<'_> {
         self.pos += 1;
         let mut out = Vec::new();
         loop {
-            let c = self.peek().ok_or_else(|| "quoted literal not terminated".to_owned())?;
+            let c = self
+                .peek()
+                .ok_or_else(|| "quoted literal not terminated".to_owned())?;
             self.pos += c.len_utf8();
             if c == quote {
                 return String::from_utf8(out).map_err(|_| bad());
@@ -223,6 +231,9 @@ impl Parser<'_> {
     fn digits(&mut self, n: usize, radix: u32) -> Result<u32, String> {
         let end = self.pos + n;
         let digits = self.s.get(self.pos..end).ok_or("invalid escape")?;
+        if !digits.chars().all(|c| c.is_digit(radix)) {
+            return Err("invalid escape".to_owned());
+        }
         self.pos = end;
         u32::from_str_radix(digits, radix).map_err(|_| "invalid escape".to_owned())
     }
@@ -238,7 +249,9 @@ mod tests {
 
     impl Fields for Item {
         fn field(&self, path: &[String]) -> Option<Cow<'_, str>> {
-            self.0.get(path.join(".").as_str()).map(|v| Cow::Borrowed(*v))
+            self.0
+                .get(path.join(".").as_str())
+                .map(|v| Cow::Borrowed(*v))
         }
     }
 
@@ -264,12 +277,15 @@ mod tests {
         assert!(!matches(&["digest==sha256:ab,labels.l==3"], &item));
         assert!(matches(&["labels.l==3", "labels.l==2"], &item));
         assert!(!matches(&["labels.missing"], &item));
-        assert!(!matches(&["unknown==x"], &item), "unknown fields never match");
+        assert!(
+            !matches(&["unknown==x"], &item),
+            "unknown fields never match"
+        );
         assert!(matches(&["labels.missing!=x"], &item));
         assert!(matches(&["digest~=^sha256:"], &item));
         assert!(matches(&["digest~=/b$/"], &item));
         assert!(matches(&[r#"labels.l=="\x32""#], &item));
-        assert!(matches(&[r#"labels.l=="\62""#], &item));
+        assert!(matches(&[r#"labels.l=="\062""#], &item));
     }
 
     #[test]

@@ -167,7 +167,10 @@ impl Ingests {
         let mut out = Vec::new();
         for item in fs::read_dir(&self.dir).map_err(Error::io("listing", &self.dir))? {
             let item = item.map_err(Error::io("listing", &self.dir))?;
-            let is_ingest = item.file_name().to_str().is_some_and(|n| Digest::from_hex(n).is_ok());
+            let is_ingest = item
+                .file_name()
+                .to_str()
+                .is_some_and(|n| Digest::from_hex(n).is_ok());
             // An ingest committed or aborted meanwhile simply is not there any more.
             if let Some(status) = is_ingest.then(|| read_status(&item.path())).transpose()? {
                 out.extend(status);
@@ -376,7 +379,10 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let ingests = Ingests::open(dir.path().join("ingest"))?;
         let lock = ingests.lock("default/1/../../etc")?;
-        assert!(matches!(ingests.lock("default/1/../../etc"), Err(Error::Locked { .. })));
+        assert!(matches!(
+            ingests.lock("default/1/../../etc"),
+            Err(Error::Locked { .. })
+        ));
         let mut ingest = ingests.open_ingest(lock, 10, None)?;
         ingest.write(b"hello")?;
         let digest = ingest.digest();
@@ -396,7 +402,10 @@ mod tests {
         drop(restarted);
 
         again.abort("default/1/../../etc")?;
-        assert!(matches!(again.status("default/1/../../etc"), Err(Error::IngestNotFound(_))));
+        assert!(matches!(
+            again.status("default/1/../../etc"),
+            Err(Error::IngestNotFound(_))
+        ));
         assert!(matches!(again.abort("nope"), Err(Error::IngestNotFound(_))));
         assert_eq!(fs::read_dir(dir.path().join("ingest"))?.count(), 0);
         Ok(())

@@ -127,26 +127,25 @@ impl MetaStore {
     /// The record of `digest`, made with `labels` if there is none yet (then `true`).
     pub fn get_or_insert(&self, digest: &Digest, labels: Labels) -> Result<(Record, bool), Error> {
         let key = digest.hex();
+        let new = Record::new(labels);
         let txn = self.db.begin_write()?;
-        let found = {
+        let existing = {
             let mut table = txn.open_table(CONTENT)?;
             let existing = match table.get(key.as_str())? {
                 Some(v) => Some(decode(&key, v.value())?),
                 None => None,
             };
-            match existing {
-                Some(record) => Some(record),
-                None => {
-                    table.insert(key.as_str(), encode(&Record::new(labels.clone())).as_slice())?;
-                    None
-                }
+            if existing.is_none() {
+                table.insert(key.as_str(), encode(&new).as_slice())?;
             }
+            existing
         };
-        match found {
+        match existing {
+            // Nothing changed: dropping the transaction aborts it.
             Some(record) => Ok((record, false)),
             None => {
                 txn.commit()?;
-                Ok((Record::new(labels), true))
+                Ok((new, true))
             }
         }
     }

@@ -36,7 +36,7 @@ use shoal_p2p::Digest;
 
 pub use error::Error;
 pub use service::{ContentService, service};
-pub use store::{ContentStore, StoreWriter};
+pub use store::{BlobReader, ContentConfig, ContentStore, StoreWriter};
 
 /// Labels of a blob, as containerd sends them. An empty value means "no such label".
 pub type Labels = HashMap<String, String>;
@@ -81,6 +81,10 @@ pub trait Store: Send + Sync + 'static {
     type Writer: Writer;
 
     fn info(&self, digest: Digest) -> impl Future<Output = Result<Info, Error>> + Send;
+
+    /// Whether the blob is on this node (never asking further, unlike `info`): what a writer
+    /// checks before it bothers writing. containerd then uses the blob instead.
+    fn exists(&self, digest: Digest) -> impl Future<Output = Result<bool, Error>> + Send;
 
     /// Changes the labels of `digest`: all of them when `paths` is empty or holds `labels`,
     /// only the named ones for `labels.<key>` paths. Any other path is an invalid argument.
@@ -217,7 +221,10 @@ mod tests {
     #[test]
     fn refs_are_checked() {
         assert!(validate_ref("default/1/layer-sha256:abc").is_ok());
-        assert!(validate_ref("../../etc/passwd").is_ok(), "refs are never paths");
+        assert!(
+            validate_ref("../../etc/passwd").is_ok(),
+            "refs are never paths"
+        );
         assert!(validate_ref("").is_err());
         assert!(validate_ref("a\0b").is_err());
         assert!(validate_ref(&"r".repeat(MAX_REF_SIZE + 1)).is_err());
