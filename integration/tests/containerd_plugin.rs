@@ -1,6 +1,7 @@
-//! Real containerd (Debian's 1.6) with Shoal as its snapshotter through `proxy_plugins`: a
-//! multi-layer image is pulled and unpacked into Shoal's snapshots, a container runs on them and
-//! its writes land in Shoal's upper directory, and a restart of `shoal node` loses nothing.
+//! Real containerd (Debian's 1.6) with Shoal as its snapshotter and content store through
+//! `proxy_plugins`: a multi-layer image is pulled into Shoal's blob store and unpacked into its
+//! snapshots, a container runs on them and its writes land in Shoal's upper directory, a restart
+//! of `shoal node` loses nothing, and removing the image deletes its blobs through Shoal.
 
 use std::time::Duration;
 
@@ -8,11 +9,20 @@ use anyhow::{Context, Result, ensure};
 use shoal_integration::shoal::{Node, NodeOptions};
 use shoal_integration::{Containerd, ImageBuilder, Registry, caps, random_bytes};
 
+/// Shoal as both snapshotter and content store, the built-in content store disabled.
 fn proxy_config(node: &Node) -> String {
+    let socket = node.socket.display();
     format!(
-        "[proxy_plugins.shoal]\n  type = \"snapshot\"\n  address = \"{}\"\n",
-        node.socket.display()
+        "disabled_plugins = [\"io.containerd.content.v1.content\"]\n\n\
+         [proxy_plugins.shoal]\n  type = \"snapshot\"\n  address = \"{socket}\"\n\n\
+         [proxy_plugins.shoal-content]\n  type = \"content\"\n  address = \"{socket}\"\n"
     )
+}
+
+fn blob_path(node: &Node, digest: &str) -> std::path::PathBuf {
+    node.root
+        .join("store/blobs")
+        .join(digest.trim_start_matches("sha256:"))
 }
 
 /// Files named `name` under any snapshot's upper directory.
@@ -71,6 +81,16 @@ fn containerd_pulls_and_runs_on_shoal_snapshots_across_a_restart() -> Result<()>
         "shoal",
         &image.reference,
     ])?;
+    // containerd stored the image's blobs in Shoal's content store, which is the swarm's store.
+    for (digest, size) in &image.layers {
+        let len = std::fs::metadata(blob_path(&node, digest))
+            .map(|m| m.len())
+            .ok();
+        ensure!(
+            len == Some(*size),
+            "{digest} not in Shoal's blob store ({len:?})"
+        );
+    }
     let snapshots = containerd.ctr_ok(&["snapshots", "--snapshotter", "shoal", "ls"])?;
     ensure!(
         snapshots.lines().count() > image.layers.len(),
@@ -122,6 +142,19 @@ fn containerd_pulls_and_runs_on_shoal_snapshots_across_a_restart() -> Result<()>
         Duration::from_secs(20),
         "the container's snapshot to be removed",
         || Ok(find_in_snapshots(&node, marker)?.is_empty()),
+    )?;
+
+    // Removing the image lets containerd's garbage collector delete its blobs through Shoal.
+    containerd.ctr_ok(&["image", "rm", "--sync", &image.reference])?;
+    shoal_integration::wait_until(
+        Duration::from_secs(20),
+        "the image's blobs to be deleted",
+        || {
+            Ok(image
+                .layers
+                .iter()
+                .all(|(digest, _)| !blob_path(&node, digest).exists()))
+        },
     )?;
     Ok(())
 }

@@ -12,6 +12,7 @@ use shoal_p2p::upstream::RegistryConfig;
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub node: NodeConfig,
+    pub content: ContentSection,
     pub mirror: MirrorConfig,
     pub p2p: P2pConfig,
     pub registry: RegistryConfig,
@@ -36,6 +37,29 @@ impl Default for NodeConfig {
             root: PathBuf::from("/var/lib/shoal"),
             store_capacity_mib: 50 * 1024,
             socket: PathBuf::from("/run/shoal/shoal.sock"),
+        }
+    }
+}
+
+/// `[content]`: containerd's content store, served by the node.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContentSection {
+    /// `Info` also answers for blobs the swarm can fetch, so containerd skips the registry
+    /// download; `Read` then fetches missing pieces on demand.
+    pub remote_content: bool,
+    /// How long `Info` waits for the swarm to find a blob before answering NotFound.
+    pub info_timeout_ms: u64,
+    /// How long `Read` waits for the missing pieces of one chunk before failing.
+    pub read_timeout_ms: u64,
+}
+
+impl Default for ContentSection {
+    fn default() -> Self {
+        Self {
+            remote_content: false,
+            info_timeout_ms: 3_000,
+            read_timeout_ms: 60_000,
         }
     }
 }
@@ -115,6 +139,11 @@ impl Config {
                 "node.socket {:?} must be an absolute path",
                 self.node.socket
             ));
+        }
+        if self.content.info_timeout_ms == 0 || self.content.read_timeout_ms == 0 {
+            return Err(
+                "content.info_timeout_ms and content.read_timeout_ms must be above 0".into(),
+            );
         }
         if self.mirror.stall_timeout_ms == 0 {
             return Err("mirror.stall_timeout_ms must be above 0".into());

@@ -4,6 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use shoal_p2p::store::{BlobStore, StoreConfig};
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Config;
+use crate::content::{self, ContentConfig, ContentStore};
 use crate::mirror::{self, Mirror};
 use crate::snapshotter::{self, OverlaySnapshotter};
 
@@ -35,6 +37,8 @@ pub enum NodeError {
     Swarm(#[from] shoal_p2p::swarm::SwarmError),
     #[error("serving the mirror")]
     Serve(#[source] std::io::Error),
+    #[error("opening the content store")]
+    Content(#[from] content::Error),
     #[error("opening the snapshotter")]
     Snapshotter(#[from] snapshotter::Error),
     #[error("preparing the containerd socket {path}")]
@@ -79,7 +83,7 @@ pub async fn run(
     let swarm = Swarm::new(
         cfg.p2p.clone(),
         swarm_addr,
-        store,
+        store.clone(),
         upstream.clone(),
         metrics,
         shutdown.clone(),
@@ -89,9 +93,20 @@ pub async fn run(
         None
     } else {
         let snapshots = OverlaySnapshotter::open(&cfg.node.root.join("snapshotter"))?;
+        let contents = ContentStore::open(
+            store,
+            &cfg.node.root.join("content.redb"),
+            Some(swarm.clone()),
+            ContentConfig {
+                remote_content: cfg.content.remote_content,
+                info_timeout: Duration::from_millis(cfg.content.info_timeout_ms),
+                read_timeout: Duration::from_millis(cfg.content.read_timeout_ms),
+            },
+        )?;
         let socket = bind_socket(&cfg.node.socket)?;
         let server = tonic::transport::Server::builder()
             .add_service(snapshotter::service(snapshots))
+            .add_service(content::service(contents))
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(socket),
                 shutdown.clone().cancelled_owned(),
