@@ -40,6 +40,19 @@ fn containerd_configs_register_the_snapshotter_for_the_cri() -> Result<()> {
             addr == Some("/run/shoal/shoal.sock"),
             "{file}: proxy address {addr:?}"
         );
+        let content =
+            get(&cfg, &["proxy_plugins", "shoal-content", "type"]).and_then(|v| v.as_str());
+        ensure!(
+            content == Some("content"),
+            "{file}: no content proxy plugin"
+        );
+        let disabled = get(&cfg, &["disabled_plugins"]).and_then(|v| v.as_array());
+        ensure!(
+            disabled.is_some_and(|d| d
+                .iter()
+                .any(|p| p.as_str() == Some("io.containerd.content.v1.content"))),
+            "{file}: the built-in content store must be disabled"
+        );
         let kind = get(&cfg, &["proxy_plugins", "shoal", "type"]).and_then(|v| v.as_str());
         ensure!(kind == Some("snapshot"), "{file}: proxy type {kind:?}");
         let mut path = images.clone();
