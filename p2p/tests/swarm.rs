@@ -122,3 +122,48 @@ async fn a_seed_back_sources_for_the_nodes() -> anyhow::Result<()> {
 async fn a_peer_serving_corrupt_pieces_is_caught() -> anyhow::Result<()> {
     run_swarm(4, true, true).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blob_that_arrived_by_another_door_is_served_verified() -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let shutdown = CancellationToken::new();
+    let _guard = shutdown.clone().drop_guard();
+    let data = random_blob((6 << 20) + 3);
+    let digest = Digest::of(&data);
+    let tracker_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let tracker = format!("http://{}", tracker_listener.local_addr()?);
+    tokio::spawn(tracker::run(
+        tracker_listener,
+        TrackerConfig::default(),
+        shutdown.clone(),
+    ));
+    let cfg = P2pConfig {
+        tracker: Some(tracker),
+        ..P2pConfig::default()
+    };
+    // No registry anywhere: the blob exists only in the first node, put there as containerd's
+    // content store would.
+    let first = start_peer(dir.path(), "first", "127.0.0.1:9", cfg.clone(), &shutdown).await?;
+    let ingest = first.store().ingest_dir().join("upload");
+    std::fs::write(&ingest, &data)?;
+    first.store().adopt(&ingest, Some(digest))?;
+    first.seed(digest);
+    let second = start_peer(dir.path(), "second", "127.0.0.1:9", cfg, &shutdown).await?;
+    let blob = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            // The first node's announce may not have reached the tracker yet.
+            match second.fetch(digest, None).await {
+                Ok(blob) => return anyhow::Ok(blob),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await??;
+    tokio::time::timeout(Duration::from_secs(20), blob.wait_range(0..blob.size())).await??;
+    let mut buf = vec![0u8; blob.size() as usize];
+    blob.read_at(0, &mut buf)?;
+    assert_eq!(Digest::of(&buf), digest);
+    assert_eq!(second.metrics().bytes_from_peers.get(), data.len() as u64);
+    Ok(())
+}

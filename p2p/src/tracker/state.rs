@@ -210,11 +210,14 @@ impl State {
         now: Instant,
     ) -> Result<usize, PublishError> {
         let swarm = self.swarms.entry(digest).or_default();
-        if swarm
+        // Lease holders publish as they back-source; a peer that has the whole blob (it came by
+        // another door, e.g. containerd's content store) publishes all its hashes at once.
+        let leased = swarm
             .leases
             .get(&req.peer_id)
-            .is_none_or(|until| *until <= now)
-        {
+            .is_some_and(|until| *until > now);
+        let complete = swarm.members.get(&req.peer_id).is_some_and(|m| m.complete);
+        if !leased && !complete {
             return Err(PublishError::NoLease {
                 peer: req.peer_id,
                 digest,
@@ -379,6 +382,22 @@ mod tests {
             pieces: vec![(99, PieceHash::of(b"a"))],
         };
         assert!(st.publish(digest, bad, now).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_complete_peer_may_publish_the_hashes_it_has() -> anyhow::Result<()> {
+        let mut st = State::new(cfg());
+        let now = Instant::now();
+        announce(&mut st, id(4), false, true, now);
+        let digest = Digest::of(b"blob");
+        let req = PublishRequest {
+            peer_id: id(4),
+            size: 5 << 20,
+            pieces: (0..5).map(|i| (i, PieceHash::of(&[i as u8]))).collect(),
+        };
+        assert_eq!(st.publish(digest, req, now)?, 5);
+        assert!(st.metainfo(&digest).is_some_and(|m| m.is_complete()));
         Ok(())
     }
 }

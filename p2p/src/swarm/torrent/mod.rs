@@ -40,6 +40,8 @@ const MAX_PENDING: usize = 8;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 const REJECT_COOLDOWN: Duration = Duration::from_millis(300);
 const TICK: Duration = Duration::from_millis(200);
+/// Least time between two metainfo requests to the tracker from one torrent.
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(250);
 /// Bad pieces a peer may send before we hang up on it for good.
 const MAX_STRIKES: u32 = 2;
 
@@ -143,6 +145,10 @@ pub(super) struct Torrent {
     writing: HashSet<u32>,
     refreshing: bool,
     refresh_again: bool,
+    last_refresh: Option<Instant>,
+    /// Pieces received with no known hash and no room to hold them: not requested again until
+    /// the tracker publishes their hash.
+    awaiting_hash: HashSet<u32>,
     /// Incoming connections that arrived before we knew the blob's size.
     waiting_incoming: Vec<(Transport, Hello, String)>,
 }
@@ -183,6 +189,8 @@ impl Torrent {
             writing: HashSet::new(),
             refreshing: false,
             refresh_again: false,
+            last_refresh: None,
+            awaiting_hash: HashSet::new(),
             waiting_incoming: Vec::new(),
         };
         if let Some(blob) = existing {
@@ -261,6 +269,10 @@ impl Torrent {
         if self.complete() && self.ctx.store.get(&self.digest).is_none() {
             self.gone = true;
             return;
+        }
+        if self.refresh_again && !self.refreshing {
+            self.refresh_again = false;
+            self.refresh_metainfo();
         }
         if !self.announcing && now >= self.next_announce {
             self.announce();
@@ -403,9 +415,12 @@ impl Torrent {
                     && meta.digest == self.digest
                 {
                     self.learn_layout(meta);
-                    if !self.pending.is_empty() {
+                    if !self.pending.is_empty() || !self.awaiting_hash.is_empty() {
                         self.on_refreshed(Ok(None));
                     }
+                }
+                if self.complete() && !resp.metainfo.as_ref().is_some_and(Metainfo::is_complete) {
+                    self.publish_all_hashes();
                 }
                 self.backsource = resp.backsource;
                 for p in resp.peers {

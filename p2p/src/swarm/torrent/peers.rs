@@ -192,10 +192,13 @@ impl Torrent {
     pub(super) fn request_from_peers(&mut self) {
         let Some(s) = self.sched.as_mut() else { return };
         let mut total: usize = self.peers.values().map(|p| p.inflight.len()).sum();
+        let awaiting = &self.awaiting_hash;
         for peer in self.peers.values_mut() {
             while peer.inflight.len() < PER_PEER_INFLIGHT && total < self.ctx.cfg.max_inflight {
                 let Some(i) = s.pick_for_peer(&peer.has, |i| {
-                    peer.inflight.contains_key(&i) || peer.rejected.contains_key(&i)
+                    peer.inflight.contains_key(&i)
+                        || peer.rejected.contains_key(&i)
+                        || awaiting.contains(&i)
                 }) else {
                     break;
                 };

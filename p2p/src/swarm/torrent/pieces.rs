@@ -99,6 +99,9 @@ impl Torrent {
                     if let Some(s) = self.sched.as_mut() {
                         s.set_pending(index, true);
                     }
+                } else {
+                    // No room to hold it: do not ask for it again until its hash is known.
+                    self.awaiting_hash.insert(index);
                 }
                 self.refresh_metainfo();
             }
@@ -146,11 +149,16 @@ impl Torrent {
         let Some(tracker) = self.ctx.tracker.clone() else {
             return;
         };
-        if self.refreshing {
+        let recent = self
+            .last_refresh
+            .is_some_and(|t| t.elapsed() < MIN_REFRESH_INTERVAL);
+        if self.refreshing || recent {
+            // `on_tick` asks again once the current request is answered and enough time passed.
             self.refresh_again = true;
             return;
         }
         self.refreshing = true;
+        self.last_refresh = Some(Instant::now());
         let (tx, digest) = (self.events_tx.clone(), self.digest);
         self.ctx.tasks.spawn(async move {
             let _ = tx
@@ -167,6 +175,10 @@ impl Torrent {
             Err(e) => debug!(error = %e, "refreshing metainfo"),
         }
         let known = self.blob.as_ref().map(Blob::metainfo);
+        if let Some(m) = &known {
+            self.awaiting_hash
+                .retain(|i| m.pieces[*i as usize].is_none());
+        }
         let ready: Vec<u32> = self
             .pending
             .keys()
@@ -185,8 +197,36 @@ impl Torrent {
                 self.write(index, data, from);
             }
         }
-        if std::mem::take(&mut self.refresh_again) && !self.pending.is_empty() {
-            self.refresh_metainfo();
+        if self.pending.is_empty() && self.awaiting_hash.is_empty() {
+            self.refresh_again = false;
         }
+    }
+
+    /// A peer that has the whole blob but whose tracker lacks its hashes (the blob arrived by
+    /// another door) publishes them, so other peers can verify what it serves.
+    pub(super) fn publish_all_hashes(&self) {
+        let (Some(tracker), Some(blob)) =
+            (self.ctx.tracker.clone(), self.ctx.store.get(&self.digest))
+        else {
+            return;
+        };
+        let meta = blob.metainfo();
+        let pieces: Vec<_> = meta
+            .pieces
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| Some((i as u32, (*h)?)))
+            .collect();
+        let req = PublishRequest {
+            peer_id: self.ctx.peer_id,
+            size: meta.size,
+            pieces,
+        };
+        let digest = self.digest;
+        self.ctx.tasks.spawn(async move {
+            if let Err(e) = tracker.publish(&digest, &req).await {
+                debug!(%digest, error = %e, "publishing the hashes of a complete blob");
+            }
+        });
     }
 }
