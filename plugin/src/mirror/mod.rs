@@ -7,6 +7,7 @@
 //! makes containerd fall back to the next host in `hosts.toml`. No byte leaves this server
 //! before its piece has been checked against its hash.
 
+mod manifest;
 mod range;
 
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use shoal_p2p::swarm::Swarm;
 use shoal_p2p::upstream::{BlobSource, Upstream};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::config::MirrorConfig;
 
@@ -90,7 +91,7 @@ async fn dispatch(
     };
     let head = method == Method::HEAD;
     if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
-        return manifest(&m, BlobSource::new(ns, repo), reference, &headers, head).await;
+        return manifest::serve(&m, BlobSource::new(ns, repo), reference, &headers, head).await;
     }
     if let Some((repo, digest)) = rest.rsplit_once("/blobs/") {
         let source = BlobSource::new(ns, repo);
@@ -104,53 +105,6 @@ async fn dispatch(
         return blob(&m, source, digest, &headers, head).await;
     }
     not_found(format!("no such endpoint /v2/{rest}"))
-}
-
-async fn manifest(
-    m: &Mirror,
-    source: BlobSource,
-    reference: &str,
-    headers: &HeaderMap,
-    head: bool,
-) -> Response {
-    let accept: Vec<String> = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect();
-    match m.upstream.manifest(&source, reference, &accept, head).await {
-        Ok(resp) => {
-            let mut out = Response::new(Body::from(resp.body));
-            *out.status_mut() =
-                StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
-            let h = out.headers_mut();
-            for (name, value) in [
-                (header::CONTENT_TYPE, resp.content_type),
-                (
-                    header::HeaderName::from_static("docker-content-digest"),
-                    resp.docker_content_digest,
-                ),
-                (
-                    header::CONTENT_LENGTH,
-                    resp.content_length.map(|l| l.to_string()),
-                ),
-            ] {
-                if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
-                    h.insert(name, v);
-                }
-            }
-            out
-        }
-        Err(e) if e.is_not_found() => not_found(e),
-        Err(e) => {
-            warn!(%source, reference, error = %e, "proxying manifest");
-            // containerd tries the next host on a 404; on a 5xx it would give up.
-            not_found(e)
-        }
-    }
 }
 
 async fn blob(
