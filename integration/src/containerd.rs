@@ -449,3 +449,14 @@ mod tests {
         assert_eq!(unescape_mount_path(r"/tmp/plain"), "/tmp/plain");
     }
 }
+
+/// containerd config using Shoal at `socket` as snapshotter (`shoal`) and content store
+/// (`shoal-content`), with the built-in content store disabled, as `examples/containerd/` does.
+pub fn shoal_proxy_config(socket: &Path) -> String {
+    let socket = socket.display();
+    format!(
+        "disabled_plugins = [\"io.containerd.content.v1.content\"]\n\n\
+         [proxy_plugins.shoal]\n  type = \"snapshot\"\n  address = \"{socket}\"\n\n\
+         [proxy_plugins.shoal-content]\n  type = \"content\"\n  address = \"{socket}\"\n"
+    )
+}

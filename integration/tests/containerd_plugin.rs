@@ -6,18 +6,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use shoal_integration::containerd::shoal_proxy_config;
 use shoal_integration::shoal::{Node, NodeOptions};
 use shoal_integration::{Containerd, ImageBuilder, Registry, caps, random_bytes};
-
-/// Shoal as both snapshotter and content store, the built-in content store disabled.
-fn proxy_config(node: &Node) -> String {
-    let socket = node.socket.display();
-    format!(
-        "disabled_plugins = [\"io.containerd.content.v1.content\"]\n\n\
-         [proxy_plugins.shoal]\n  type = \"snapshot\"\n  address = \"{socket}\"\n\n\
-         [proxy_plugins.shoal-content]\n  type = \"content\"\n  address = \"{socket}\"\n"
-    )
-}
 
 fn blob_path(node: &Node, digest: &str) -> std::path::PathBuf {
     node.root
@@ -64,7 +55,7 @@ fn containerd_pulls_and_runs_on_shoal_snapshots_across_a_restart() -> Result<()>
         ..NodeOptions::default()
     };
     let mut node = Node::start(dir, "node", &opts)?;
-    let containerd = Containerd::start(&dir.join("containerd"), &proxy_config(&node))?;
+    let containerd = Containerd::start(&dir.join("containerd"), &shoal_proxy_config(&node.socket))?;
     let plugins = containerd.ctr_ok(&["plugins", "ls"])?;
     ensure!(
         plugins

@@ -4,17 +4,9 @@
 //! Info answers for the other blobs, and the layers stream from the first node as it unpacks.
 
 use anyhow::{Result, ensure};
+use shoal_integration::containerd::shoal_proxy_config;
 use shoal_integration::shoal::{Node, NodeOptions, Tracker};
 use shoal_integration::{Containerd, ImageBuilder, Registry, caps, hosts_dir, random_bytes};
-
-fn proxy_config(node: &Node) -> String {
-    let socket = node.socket.display();
-    format!(
-        "disabled_plugins = [\"io.containerd.content.v1.content\"]\n\n\
-         [proxy_plugins.shoal]\n  type = \"snapshot\"\n  address = \"{socket}\"\n\n\
-         [proxy_plugins.shoal-content]\n  type = \"content\"\n  address = \"{socket}\"\n"
-    )
-}
 
 #[test]
 fn a_node_pulls_from_the_swarm_while_the_registry_is_down() -> Result<()> {
@@ -38,7 +30,10 @@ fn a_node_pulls_from_the_swarm_while_the_registry_is_down() -> Result<()> {
         ..NodeOptions::default()
     };
     let has_it = Node::start(dir, "has-it", &opts)?;
-    let containerd_b = Containerd::start(&dir.join("containerd-b"), &proxy_config(&has_it))?;
+    let containerd_b = Containerd::start(
+        &dir.join("containerd-b"),
+        &shoal_proxy_config(&has_it.socket),
+    )?;
     containerd_b.ctr_ok(&[
         "image",
         "pull",
@@ -53,7 +48,10 @@ fn a_node_pulls_from_the_swarm_while_the_registry_is_down() -> Result<()> {
         ..opts
     };
     let wants_it = Node::start(dir, "wants-it", &remote)?;
-    let containerd_a = Containerd::start(&dir.join("containerd-a"), &proxy_config(&wants_it))?;
+    let containerd_a = Containerd::start(
+        &dir.join("containerd-a"),
+        &shoal_proxy_config(&wants_it.socket),
+    )?;
     registry.stop();
 
     let by_digest = format!("{}/test/remote@{}", registry.addr(), image.manifest_digest);
