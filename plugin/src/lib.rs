@@ -2,6 +2,10 @@
 
 pub mod config;
 pub mod content;
+pub mod filters;
+mod grpc;
+pub mod labels;
+mod meta;
 pub mod mirror;
 pub mod node;
 pub mod snapshotter;

@@ -17,23 +17,16 @@ use shoal_p2p::swarm::{P2pConfig, Swarm, SwarmMetrics};
 use shoal_p2p::tracker::{self, TrackerConfig};
 use shoal_p2p::upstream::{BlobSource, RegistryConfig, Upstream};
 use shoal_plugin::content::{ContentConfig, ContentStore, service};
-use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-fn blob(len: usize) -> Vec<u8> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{blob, serve};
 
 /// A registry serving one blob at `/v2/test/blob/blobs/<digest>`, with range requests.
 async fn registry(blob: Vec<u8>) -> anyhow::Result<String> {
@@ -151,7 +144,7 @@ async fn info_and_read_answer_from_the_swarm() -> anyhow::Result<()> {
 
     // The other node pulled the blob from the registry (publishing its piece hashes to the
     // tracker as it went) and seeds it.
-    let data = blob((9 << 20) + 4321);
+    let data = blob((9 << 20) + 4321, 1);
     let digest = Digest::of(&data);
     let registry = registry(data.clone()).await?;
     let other = peer(&dir.path().join("other"), &tracker, &[&registry], &shutdown).await?;
@@ -175,17 +168,12 @@ async fn info_and_read_answer_from_the_swarm() -> anyhow::Result<()> {
         Some(swarm.clone()),
         config,
     )?;
-    let socket = dir.path().join("shoal.sock");
-    let listener = UnixListener::bind(&socket)?;
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service(content))
-            .serve_with_incoming_shutdown(
-                UnixListenerStream::new(listener),
-                shutdown.clone().cancelled_owned(),
-            ),
-    );
-    let client = ContentClient::new(containerd_client::connect(&socket).await?);
+    let (served, channel) = serve(
+        &dir.path().join("shoal.sock"),
+        Routes::new(service(content)),
+    )
+    .await?;
+    let client = ContentClient::new(channel);
 
     // The other node's announce may not have reached the tracker yet: ask until it has.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -225,5 +213,6 @@ async fn info_and_read_answer_from_the_swarm() -> anyhow::Result<()> {
         started.elapsed() < Duration::from_secs(10),
         "Info waits a bounded time"
     );
-    Ok(())
+    drop(client);
+    served.stop().await
 }

@@ -11,6 +11,10 @@ use shoal_p2p::Digest;
 use shoal_p2p::store::StoreError;
 use shoal_p2p::swarm::SwarmError;
 
+use crate::filters::FilterError;
+use crate::grpc;
+use crate::meta::db_errors;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("content {0}: not found")]
@@ -31,8 +35,8 @@ pub enum Error {
     DigestMismatch { actual: Digest, expected: Digest },
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("filter {filter:?}: {reason}")]
-    Filter { filter: String, reason: String },
+    #[error(transparent)]
+    Filter(#[from] FilterError),
     #[error("bytes {start}..{end} of {digest} did not arrive within {waited:?}")]
     NotArrived {
         digest: Digest,
@@ -84,41 +88,17 @@ impl Error {
             Error::Swarm(_) => Code::Unavailable,
             Error::WriteOffset { .. } | Error::ReadOffset { .. } => Code::OutOfRange,
             Error::SizeMismatch { .. } | Error::DigestMismatch { .. } => Code::FailedPrecondition,
-            Error::InvalidArgument(_) | Error::Filter { .. } => Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::Filter(_) => Code::InvalidArgument,
             Error::Corrupt { .. } => Code::DataLoss,
             Error::Store(_) | Error::Io { .. } | Error::Db(_) | Error::Task(_) => Code::Internal,
         }
     }
 }
 
-macro_rules! from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for Error {
-            fn from(e: $t) -> Self {
-                Error::Db(Box::new(e.into()))
-            }
-        }
-    )*};
-}
-from_redb!(
-    redb::Error,
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+db_errors!(Error);
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        // The whole chain, so that an internal error says what failed underneath.
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
-        tonic::Status::new(e.code(), message)
+        grpc::status(e.code(), &e)
     }
 }

@@ -13,13 +13,13 @@
 //! reasons have no record, so containerd's collector never sees, nor deletes, them.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use shoal_p2p::Digest;
 
 use super::{Error, Info, Labels};
+use crate::meta::{now, time};
 
 const CONTENT: TableDefinition<&str, &[u8]> = TableDefinition::new("content");
 
@@ -47,22 +47,11 @@ impl Record {
         Info {
             digest,
             size,
-            created: from_nanos(self.created),
-            updated: from_nanos(self.updated),
+            created: time(self.created),
+            updated: time(self.updated),
             labels: self.labels.clone(),
         }
     }
-}
-
-pub(crate) fn now() -> u64 {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn from_nanos(ns: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_nanos(ns)
 }
 
 fn decode(key: &str, value: &[u8]) -> Result<Record, Error> {

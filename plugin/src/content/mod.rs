@@ -14,38 +14,34 @@
 //! | `meta.rs` | labels and times per digest, in a redb database |
 //! | `ingest.rs` | resumable ingests: `<ingest_dir>/<sha256(ref)>/{data,ref,total,expected,started_at}` |
 //! | `store.rs` | [`ContentStore`]: the [`Store`] over the blob store and, optionally, the swarm |
-//! | `filter.rs` | containerd's filter language for `List` and `ListStatuses` |
 //! | `service.rs` | the thin tonic adapter: [`service`] turns any [`Store`] into a `ContentServer` |
+//!
+//! What it shares with the snapshotter lives beside them: the filter language
+//! ([`crate::filters`]), label checks ([`crate::labels`]), and the small gRPC and redb helpers.
 //!
 //! Blobs are not namespaced here: containerd's metadata layer keeps namespaces, and prefixes
 //! ingest refs with them (`default/1/layer-sha256:…`), before calling a proxy plugin.
 
 mod error;
-mod filter;
 mod ingest;
 mod meta;
 mod service;
 mod store;
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::future::Future;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use shoal_p2p::Digest;
 
+use crate::filters::{self, Fields};
+
+pub use crate::labels::{Labels, MAX_LABEL_SIZE, MAX_LABELS};
 pub use error::Error;
 pub use service::{ContentService, service};
 pub use store::{BlobReader, ContentConfig, ContentStore, StoreWriter};
 
-/// Labels of a blob, as containerd sends them. An empty value means "no such label".
-pub type Labels = HashMap<String, String>;
-
-/// containerd allows at most this many bytes in one label's key and value together
-/// (`pkg/labels/validate.go`).
-pub const MAX_LABEL_SIZE: usize = 4096;
-/// Labels one blob may carry; keeps one request from growing a record without bound.
-pub const MAX_LABELS: usize = 256;
 /// Longest ingest ref accepted. containerd's are `<namespace>/<n>/<kind>-<digest>`, ~100 bytes.
 pub const MAX_REF_SIZE: usize = 1024;
 /// `Read` answers in messages of at most this many bytes, as containerd's own service does.
@@ -72,6 +68,24 @@ pub struct Status {
     pub expected: Option<Digest>,
     pub started: SystemTime,
     pub updated: SystemTime,
+}
+
+/// A blob's fields for filters, as containerd's `AdaptInfo`: `digest` and `labels.<key>`.
+impl Fields for Info {
+    fn field(&self, path: &[String]) -> Option<Cow<'_, str>> {
+        match path.first()?.as_str() {
+            "digest" => Some(self.digest.to_string().into()),
+            "labels" => filters::label(&self.labels, &path[1..]),
+            _ => None,
+        }
+    }
+}
+
+/// An ingest's fields for filters, as containerd's `adaptStatus`: `ref`.
+impl Fields for Status {
+    fn field(&self, path: &[String]) -> Option<Cow<'_, str>> {
+        (path.first()?.as_str() == "ref").then(|| self.r#ref.as_str().into())
+    }
 }
 
 /// containerd's content store API (`core/content`), independent of gRPC. Errors are
@@ -159,74 +173,49 @@ pub trait Writer: Send + 'static {
     ) -> impl Future<Output = Result<Digest, Error>> + Send;
 }
 
-/// Checks an ingest ref. Refs never become paths (their sha256 names the directory), so only
-/// emptiness, size and NUL matter.
+/// Checks an ingest ref. Refs never become paths (their sha256 names the directory).
 fn validate_ref(r#ref: &str) -> Result<(), Error> {
-    let reason = if r#ref.is_empty() {
-        "must not be empty"
-    } else if r#ref.len() > MAX_REF_SIZE {
-        "is too long"
-    } else if r#ref.contains('\0') {
-        "contains a NUL byte"
-    } else {
-        return Ok(());
-    };
-    Err(Error::InvalidArgument(format!("ref {reason}")))
+    crate::labels::validate_name("ref", r#ref, MAX_REF_SIZE).map_err(Error::InvalidArgument)
 }
 
-/// Checks labels as containerd does, plus a cap on their number, and drops empty values (an
-/// empty value removes a label in containerd's stores).
-fn validate_labels(mut labels: Labels) -> Result<Labels, Error> {
-    labels.retain(|_, v| !v.is_empty());
-    if labels.len() > MAX_LABELS {
-        return Err(Error::InvalidArgument(format!(
-            "{} labels, at most {MAX_LABELS} allowed",
-            labels.len()
-        )));
-    }
-    for (k, v) in &labels {
-        if k.len() + v.len() > MAX_LABEL_SIZE {
-            let shown: String = k.chars().take(64).collect();
-            return Err(Error::InvalidArgument(format!(
-                "label key and value length ({} bytes) greater than maximum size \
-                 ({MAX_LABEL_SIZE} bytes), key: {shown}",
-                k.len() + v.len()
-            )));
-        }
-    }
-    Ok(labels)
+fn validate_labels(labels: Labels) -> Result<Labels, Error> {
+    crate::labels::validate(labels).map_err(Error::InvalidArgument)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::UNIX_EPOCH;
 
-    #[test]
-    fn labels_are_checked_like_containerd() {
-        let ok = Labels::from([("a".to_owned(), "x".repeat(4095))]);
-        assert!(validate_labels(ok).is_ok());
-        let big = Labels::from([("ab".to_owned(), "x".repeat(4095))]);
-        assert!(matches!(
-            validate_labels(big),
-            Err(Error::InvalidArgument(_))
-        ));
-        let empty = Labels::from([("gone".to_owned(), String::new())]);
-        assert!(validate_labels(empty).is_ok_and(|l| l.is_empty()));
-        let many: Labels = (0..=MAX_LABELS)
-            .map(|i| (i.to_string(), "v".to_owned()))
-            .collect();
-        assert!(validate_labels(many).is_err());
+    use super::*;
+    use crate::filters::Filter;
+
+    fn matches(filter: &str, item: &impl Fields) -> anyhow::Result<bool> {
+        Ok(Filter::parse_all(&[filter.to_owned()])?.matches(item))
     }
 
     #[test]
-    fn refs_are_checked() {
-        assert!(validate_ref("default/1/layer-sha256:abc").is_ok());
-        assert!(
-            validate_ref("../../etc/passwd").is_ok(),
-            "refs are never paths"
-        );
-        assert!(validate_ref("").is_err());
-        assert!(validate_ref("a\0b").is_err());
-        assert!(validate_ref(&"r".repeat(MAX_REF_SIZE + 1)).is_err());
+    fn filters_see_what_containerd_adapts() -> anyhow::Result<()> {
+        let digest = Digest::of(b"blob");
+        let info = Info {
+            digest,
+            size: 4,
+            created: UNIX_EPOCH,
+            updated: UNIX_EPOCH,
+            labels: Labels::from([("containerd.io/gc.root".to_owned(), "x".to_owned())]),
+        };
+        assert!(matches(&format!("digest=={digest}"), &info)?);
+        assert!(matches(r#"labels."containerd.io/gc.root"==x"#, &info)?);
+        assert!(!matches("size", &info)?, "not a field containerd exposes");
+        let status = Status {
+            r#ref: "default/1/layer".to_owned(),
+            offset: 0,
+            total: 0,
+            expected: None,
+            started: UNIX_EPOCH,
+            updated: UNIX_EPOCH,
+        };
+        assert!(matches("ref~=^default/", &status)?);
+        assert!(!matches("digest", &status)?);
+        Ok(())
     }
 }

@@ -14,9 +14,7 @@ use shoal_proto::content::content_server::{Content, ContentServer};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Error, Info, READ_CHUNK, Reader, Store, Writer};
-
-/// `List` answers in messages of this many blobs, as containerd's own service does.
-const LIST_BATCH: usize = 100;
+use crate::grpc;
 
 /// Serves `store` as containerd's content service; add it to a `tonic` server.
 pub fn service<S: Store>(store: S) -> ContentServer<ContentService<S>> {
@@ -103,12 +101,9 @@ impl<S: Store> Content for ContentService<S> {
 
     async fn list(&self, request: Request<api::ListContentRequest>) -> Reply<Self::ListStream> {
         let all = self.store.list(request.into_inner().filters).await?;
-        let mut batches = Vec::with_capacity(all.len().div_ceil(LIST_BATCH));
-        let mut all = all.into_iter().map(info).peekable();
-        while all.peek().is_some() {
-            let batch: Vec<api::Info> = all.by_ref().take(LIST_BATCH).collect();
-            batches.push(Ok(api::ListContentResponse { info: batch }));
-        }
+        let batches = grpc::list_batches(all.into_iter().map(info), |info| {
+            api::ListContentResponse { info }
+        });
         Ok(Response::new(stream::iter(batches).boxed()))
     }
 

@@ -24,10 +24,12 @@ use shoal_p2p::store::{Blob, BlobState, BlobStore, StoreError};
 use shoal_p2p::swarm::Swarm;
 use tracing::{debug, info, warn};
 
-use super::filter::{Fields, Filter};
 use super::ingest::{Ingest, Ingests};
-use super::meta::{self, MetaStore, Record};
+use super::meta::{MetaStore, Record};
 use super::{Error, Info, Labels, Reader, Status, Store, Writer, validate_labels, validate_ref};
+use crate::filters::Filter;
+use crate::labels::LabelUpdate;
+use crate::meta;
 
 /// How the content store uses the swarm.
 #[derive(Clone, Debug)]
@@ -67,22 +69,6 @@ struct Inner {
     pinned: Mutex<HashMap<Digest, Blob>>,
     /// Serializes changes of ownership (record and pin together).
     owning: Mutex<()>,
-}
-
-impl Fields for Info {
-    fn field(&self, path: &[String]) -> Option<std::borrow::Cow<'_, str>> {
-        match path.first()?.as_str() {
-            "digest" => Some(self.digest.to_string().into()),
-            "labels" => self.labels.get(&path[1..].join(".")).map(|v| v.into()),
-            _ => None,
-        }
-    }
-}
-
-impl Fields for Status {
-    fn field(&self, path: &[String]) -> Option<std::borrow::Cow<'_, str>> {
-        (path.first()?.as_str() == "ref").then(|| self.r#ref.as_str().into())
-    }
 }
 
 impl ContentStore {
@@ -227,36 +213,18 @@ impl Store for ContentStore {
         labels: Labels,
         paths: Vec<String>,
     ) -> Result<Info, Error> {
-        let mut replace = paths.is_empty();
-        let mut keys = Vec::new();
-        for path in &paths {
-            match path.strip_prefix("labels.") {
-                _ if path == "labels" => replace = true,
-                Some(key) => keys.push(key.to_owned()),
-                None => {
-                    return Err(Error::InvalidArgument(format!(
-                        "cannot update {path:?} field on content info {digest}"
-                    )));
-                }
-            }
-        }
+        let update = LabelUpdate::parse(&paths).map_err(|path| {
+            Error::InvalidArgument(format!(
+                "cannot update {path:?} field on content info {digest}"
+            ))
+        })?;
         let blob = self.inner.local(&digest).ok_or(Error::NotFound(digest))?;
         let size = blob.size();
         let record = self
             .blocking(move |inner| {
                 let _owning = inner.owning();
                 let record = inner.meta.modify(&digest, |record| {
-                    let mut new = if replace {
-                        labels.clone()
-                    } else {
-                        record.labels.clone()
-                    };
-                    for key in keys {
-                        match labels.get(&key) {
-                            Some(value) => new.insert(key, value.clone()),
-                            None => new.remove(&key),
-                        };
-                    }
+                    let new = update.apply(std::mem::take(&mut record.labels), &labels);
                     record.labels = validate_labels(new)?;
                     record.updated = meta::now();
                     Ok(())

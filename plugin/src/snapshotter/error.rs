@@ -6,6 +6,9 @@ use std::io;
 use std::path::PathBuf;
 
 use super::Kind;
+use crate::filters::FilterError;
+use crate::grpc;
+use crate::meta::db_errors;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -28,8 +31,8 @@ pub enum Error {
     ParentNotCommitted { parent: String, kind: Kind },
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("filter {filter:?}: {reason}")]
-    Filter { filter: String, reason: String },
+    #[error(transparent)]
+    Filter(#[from] FilterError),
     #[error("{op} {}", path.display())]
     Io {
         op: &'static str,
@@ -59,7 +62,7 @@ impl Error {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::HasChildren(_) | Error::WrongKind { .. } => Code::FailedPrecondition,
             // containerd's metastore answers InvalidArgument for a parent that is not committed.
-            Error::ParentNotCommitted { .. } | Error::InvalidArgument(_) | Error::Filter { .. } => {
+            Error::ParentNotCommitted { .. } | Error::InvalidArgument(_) | Error::Filter(_) => {
                 Code::InvalidArgument
             }
             Error::Corrupt { .. } => Code::DataLoss,
@@ -68,34 +71,10 @@ impl Error {
     }
 }
 
-macro_rules! from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for Error {
-            fn from(e: $t) -> Self {
-                Error::Db(Box::new(e.into()))
-            }
-        }
-    )*};
-}
-from_redb!(
-    redb::Error,
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+db_errors!(Error);
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        // The whole chain, so that an internal error says what failed underneath.
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
-        tonic::Status::new(e.code(), message)
+        grpc::status(e.code(), &e)
     }
 }

@@ -12,13 +12,14 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::filter::Filter;
 use super::{Error, Info, Kind, Labels, Usage, validate_labels};
+use crate::filters::Filter;
+use crate::labels::LabelUpdate;
+use crate::meta::{now, time};
 
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 const CHILDREN: TableDefinition<(u64, u64), &str> = TableDefinition::new("children");
@@ -53,8 +54,8 @@ impl Record {
             name: name.to_owned(),
             parent: self.parent.clone(),
             kind: self.kind,
-            created: from_nanos(self.created),
-            updated: from_nanos(self.updated),
+            created: time(self.created),
+            updated: time(self.updated),
             labels: self.labels.clone(),
         }
     }
@@ -75,30 +76,18 @@ pub(crate) struct Snapshot {
     pub parent_ids: Vec<u64>,
 }
 
-fn now() -> u64 {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn from_nanos(ns: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_nanos(ns)
+fn decode(key: &str, value: &[u8]) -> Result<Record, Error> {
+    serde_json::from_slice(value).map_err(|e| Error::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 fn get(
     t: &impl ReadableTable<&'static str, &'static [u8]>,
     key: &str,
 ) -> Result<Option<Record>, Error> {
-    let Some(value) = t.get(key)? else {
-        return Ok(None);
-    };
-    serde_json::from_slice(value.value())
-        .map(Some)
-        .map_err(|e| Error::Corrupt {
-            key: key.to_owned(),
-            reason: e.to_string(),
-        })
+    t.get(key)?.map(|v| decode(key, v.value())).transpose()
 }
 
 fn must_get(
@@ -152,11 +141,7 @@ fn ids(t: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<HashSet<u6
     let mut ids = HashSet::new();
     for entry in t.iter()? {
         let (key, value) = entry?;
-        let record: Record = serde_json::from_slice(value.value()).map_err(|e| Error::Corrupt {
-            key: key.value().to_owned(),
-            reason: e.to_string(),
-        })?;
-        ids.insert(record.id);
+        ids.insert(decode(key.value(), value.value())?.id);
     }
     Ok(ids)
 }
@@ -214,12 +199,7 @@ impl Reader {
         for entry in table.iter()? {
             let (key, value) = entry?;
             let key = key.value();
-            let record: Record =
-                serde_json::from_slice(value.value()).map_err(|e| Error::Corrupt {
-                    key: key.to_owned(),
-                    reason: e.to_string(),
-                })?;
-            let info = record.info(key);
+            let info = decode(key, value.value())?.info(key);
             if filter.matches(&info) {
                 out.push(info);
             }
@@ -363,25 +343,10 @@ impl Writer {
     pub fn update(&self, name: &str, labels: Labels, paths: &[String]) -> Result<Info, Error> {
         let mut snapshots = self.txn.open_table(SNAPSHOTS)?;
         let mut record = must_get(&snapshots, name)?;
-        if paths.is_empty() {
-            record.labels = labels;
-        } else {
-            for path in paths {
-                if let Some(label) = path.strip_prefix("labels.") {
-                    match labels.get(label) {
-                        Some(v) => record.labels.insert(label.to_owned(), v.clone()),
-                        None => record.labels.remove(label),
-                    };
-                } else if path == "labels" {
-                    record.labels = labels.clone();
-                } else {
-                    return Err(Error::InvalidArgument(format!(
-                        "cannot update {path:?} field on snapshot {name:?}"
-                    )));
-                }
-            }
-        }
-        record.labels = validate_labels(record.labels)?;
+        let update = LabelUpdate::parse(paths).map_err(|path| {
+            Error::InvalidArgument(format!("cannot update {path:?} field on snapshot {name:?}"))
+        })?;
+        record.labels = validate_labels(update.apply(record.labels, &labels))?;
         record.updated = now().max(record.created);
         put(&mut snapshots, name, &record)?;
         Ok(record.info(name))

@@ -20,9 +20,12 @@
 //! | `mod.rs` | the domain types and the [`Snapshotter`] trait |
 //! | `error.rs` | [`Error`] and its one mapping to gRPC codes |
 //! | `meta.rs` | the metadata store: records, parent links, id sequence, all in redb transactions |
-//! | `filter.rs` | containerd's filter language (`labels."k"==v,kind==active`) for `List` |
 //! | `overlay.rs` | [`OverlaySnapshotter`]: directories, mounts, crash-safe ordering, cleanup |
 //! | `service.rs` | the thin tonic adapter: [`service`] turns any [`Snapshotter`] into a `SnapshotsServer` |
+//!
+//! What it shares with the content store lives beside them: the filter language
+//! (`labels."k"==v,kind==active`, [`crate::filters`]), label checks ([`crate::labels`]), and
+//! the small gRPC and redb helpers.
 //!
 //! Keys are not namespaced here: containerd's metadata layer already prefixes them with the
 //! namespace (`default/3/sha256:…`) before calling a proxy plugin, exactly as it does for its
@@ -34,28 +37,21 @@
 //! [`OverlaySnapshotter::prepare_with`]) and answer `AlreadyExists`.
 
 mod error;
-mod filter;
 mod meta;
 mod overlay;
 mod service;
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::future::Future;
 use std::time::SystemTime;
 
+use crate::filters::{self, Fields};
+
+pub use crate::labels::{Labels, MAX_LABEL_SIZE, MAX_LABELS};
 pub use error::Error;
 pub use overlay::{OverlaySnapshotter, PreparedSnapshot};
 pub use service::{SnapshotsService, service};
 
-/// Snapshot labels, as containerd sends them. An empty value means "no such label".
-pub type Labels = HashMap<String, String>;
-
-/// containerd allows at most this many bytes in one label's key and value together
-/// (`pkg/labels/validate.go`).
-pub const MAX_LABEL_SIZE: usize = 4096;
-/// Labels one snapshot may carry. containerd sets a handful; the cap keeps one request from
-/// growing a metadata record without bound.
-pub const MAX_LABELS: usize = 256;
 /// Longest key or name accepted when creating a snapshot.
 pub const MAX_KEY_SIZE: usize = 4096;
 
@@ -96,6 +92,20 @@ pub struct Info {
     pub created: SystemTime,
     pub updated: SystemTime,
     pub labels: Labels,
+}
+
+/// A snapshot's fields for filters, as containerd's `adaptSnapshot`: `kind` (`active`, `view`,
+/// `committed`), `name`, `parent` and `labels.<key>`.
+impl Fields for Info {
+    fn field(&self, path: &[String]) -> Option<Cow<'_, str>> {
+        match path.first()?.as_str() {
+            "kind" => Some(self.kind.as_str().into()),
+            "name" => Some(self.name.as_str().into()),
+            "parent" => Some(self.parent.as_str().into()),
+            "labels" => filters::label(&self.labels, &path[1..]),
+            _ => None,
+        }
+    }
 }
 
 /// Disk use of a snapshot's own layer (not its parents').
@@ -172,74 +182,35 @@ pub trait Snapshotter: Send + Sync + 'static {
 
 /// Checks a key or name for a snapshot about to be made.
 fn validate_key(what: &'static str, key: &str) -> Result<(), Error> {
-    let reason = if key.is_empty() {
-        "must not be empty"
-    } else if key.len() > MAX_KEY_SIZE {
-        "is too long"
-    } else if key.contains('\0') {
-        "contains a NUL byte"
-    } else {
-        return Ok(());
-    };
-    Err(Error::InvalidArgument(format!("{what} {reason}")))
+    crate::labels::validate_name(what, key, MAX_KEY_SIZE).map_err(Error::InvalidArgument)
 }
 
-/// Checks labels as containerd does, plus a cap on their number, and drops empty values (an
-/// empty value removes a label in containerd's stores).
-fn validate_labels(mut labels: Labels) -> Result<Labels, Error> {
-    labels.retain(|_, v| !v.is_empty());
-    if labels.len() > MAX_LABELS {
-        return Err(Error::InvalidArgument(format!(
-            "{} labels, at most {MAX_LABELS} allowed",
-            labels.len()
-        )));
-    }
-    for (k, v) in &labels {
-        if k.len() + v.len() > MAX_LABEL_SIZE {
-            let shown: String = k.chars().take(64).collect();
-            return Err(Error::InvalidArgument(format!(
-                "label {shown:?}: key and value are {} bytes, at most {MAX_LABEL_SIZE} allowed",
-                k.len() + v.len()
-            )));
-        }
-    }
-    Ok(labels)
+fn validate_labels(labels: Labels) -> Result<Labels, Error> {
+    crate::labels::validate(labels).map_err(Error::InvalidArgument)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use super::*;
+    use crate::filters::Filter;
 
     #[test]
-    fn labels_are_checked_like_containerd() {
-        let ok = Labels::from([("a".to_owned(), "x".repeat(4095))]);
-        assert!(validate_labels(ok).is_ok());
-        let big = Labels::from([("ab".to_owned(), "x".repeat(4095))]);
-        assert!(matches!(
-            validate_labels(big),
-            Err(Error::InvalidArgument(_))
-        ));
-        let empty = Labels::from([("gone".to_owned(), String::new())]);
-        assert!(
-            validate_labels(empty)
-                .map(|l| l.is_empty())
-                .unwrap_or(false)
-        );
-        let many: Labels = (0..=MAX_LABELS)
-            .map(|i| (i.to_string(), "v".to_owned()))
-            .collect();
-        assert!(validate_labels(many).is_err());
-    }
-
-    #[test]
-    fn keys_are_checked() {
-        assert!(validate_key("key", "default/1/sha256:abc").is_ok());
-        assert!(
-            validate_key("key", "../../etc").is_ok(),
-            "keys are never paths"
-        );
-        assert!(validate_key("key", "").is_err());
-        assert!(validate_key("key", "a\0b").is_err());
-        assert!(validate_key("key", &"k".repeat(MAX_KEY_SIZE + 1)).is_err());
+    fn filters_see_what_containerd_adapts() -> anyhow::Result<()> {
+        let info = Info {
+            name: "a-wl".to_owned(),
+            parent: "p-wl".to_owned(),
+            kind: Kind::Active,
+            created: UNIX_EPOCH,
+            updated: UNIX_EPOCH,
+            labels: Labels::from([("containerd.io/gc.root".to_owned(), "walk".to_owned())]),
+        };
+        let matches = |f: &str| Filter::parse_all(&[f.to_owned()]).map(|f| f.matches(&info));
+        assert!(matches("kind==active,name==a-wl,parent==p-wl")?);
+        assert!(matches(r#"labels."containerd.io/gc.root"==walk"#)?);
+        assert!(!matches("kind==view")?);
+        assert!(!matches("id")?, "not a field containerd exposes");
+        Ok(())
     }
 }

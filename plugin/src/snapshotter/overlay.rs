@@ -24,9 +24,9 @@ use std::sync::Arc;
 
 use tracing::warn;
 
-use super::filter::Filter;
 use super::meta::{MetaStore, Snapshot};
 use super::{Error, Info, Kind, Labels, Mount, Snapshotter, Usage, validate_key, validate_labels};
+use crate::filters::Filter;
 
 /// The overlayfs snapshotter. Cheap to clone; clones share one metadata store.
 #[derive(Clone, Debug)]

@@ -11,9 +11,7 @@ use shoal_proto::snapshots::snapshots_server::{Snapshots, SnapshotsServer};
 use tonic::{Request, Response, Status};
 
 use super::{Error, Info, Kind, Mount, Snapshotter};
-
-/// `List` answers in messages of this many snapshots, as containerd's own service does.
-const LIST_BATCH: usize = 100;
+use crate::grpc;
 
 /// Serves `snapshotter` as containerd's snapshots service; add it to a `tonic` server.
 pub fn service<S: Snapshotter>(snapshotter: S) -> SnapshotsServer<SnapshotsService<S>> {
@@ -127,12 +125,9 @@ impl<S: Snapshotter> Snapshots for SnapshotsService<S> {
 
     async fn list(&self, request: Request<api::ListSnapshotsRequest>) -> Reply<Self::ListStream> {
         let all = self.snapshotter.list(request.into_inner().filters).await?;
-        let mut batches = Vec::with_capacity(all.len().div_ceil(LIST_BATCH));
-        let mut all = all.into_iter().map(info).peekable();
-        while all.peek().is_some() {
-            let batch: Vec<api::Info> = all.by_ref().take(LIST_BATCH).collect();
-            batches.push(Ok(api::ListSnapshotsResponse { info: batch }));
-        }
+        let batches = grpc::list_batches(all.into_iter().map(info), |info| {
+            api::ListSnapshotsResponse { info }
+        });
         Ok(Response::new(stream::iter(batches)))
     }
 

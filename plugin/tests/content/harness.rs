@@ -2,60 +2,28 @@
 //! to containerd, and talks to it with containerd-client's real `ContentClient`; [`Session`]
 //! speaks the Write conversation as containerd's proxy writer does.
 
-use std::collections::HashMap;
-use std::fmt::Debug;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use containerd_client::services::v1::{self as api, WriteAction, content_client::ContentClient};
 use containerd_client::with_namespace;
 use prost_types::FieldMask;
 use shoal_p2p::Digest;
 use shoal_p2p::store::{BlobStore, StoreConfig};
 use shoal_plugin::content::{ContentConfig, ContentStore, service};
-use tokio::net::UnixListener;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Routes;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
-pub type Labels = HashMap<String, String>;
-
-pub fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
-
-/// Deterministic bytes that do not repeat within a blob.
-pub fn blob(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
-/// The code of a call that must fail.
-pub fn code<T: Debug>(result: Result<T, Status>) -> anyhow::Result<Code> {
-    match result {
-        Ok(v) => anyhow::bail!("expected an error, got {v:?}"),
-        Err(status) => Ok(status.code()),
-    }
-}
+pub use crate::common::{Labels, blob, code, labels};
+use crate::common::{Served, serve};
 
 /// A running content service and a client connected to it.
 pub struct Node {
     client: ContentClient<Channel>,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    served: Served,
 }
 
 impl Node {
@@ -71,36 +39,18 @@ impl Node {
             None,
             ContentConfig::default(),
         )?;
-        let socket = dir.join("shoal.sock");
-        if socket.exists() {
-            std::fs::remove_file(&socket)?;
-        }
-        // Bound before the client connects, so no readiness wait is needed.
-        let listener = UnixListener::bind(&socket)?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service(content))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
-                    stopped.await.ok();
-                }),
-        );
-        let channel = containerd_client::connect(&socket)
-            .await
-            .context("connecting")?;
+        let (served, channel) =
+            serve(&dir.join("shoal.sock"), Routes::new(service(content))).await?;
         Ok(Node {
             client: ContentClient::new(channel),
-            stop,
-            task,
+            served,
         })
     }
 
     /// Stops serving; the stores are closed when this returns.
     pub async fn stop(self) -> anyhow::Result<()> {
         drop(self.client);
-        self.stop.send(()).ok();
-        self.task.await??;
-        Ok(())
+        self.served.stop().await
     }
 
     pub async fn info(&self, digest: &str) -> Result<api::Info, Status> {

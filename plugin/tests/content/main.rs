@@ -3,6 +3,9 @@
 //! conversation of containerd's proxy writer (`content/proxy/content_writer.go`): a STAT naming
 //! the ref, WRITEs at the current offset, a COMMIT with the size and digest.
 
+#[path = "../common/mod.rs"]
+mod common;
+
 mod bad_input;
 mod blobs;
 mod harness;

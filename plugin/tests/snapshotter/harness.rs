@@ -1,84 +1,46 @@
 //! Starts the snapshotter in-process on a Unix socket in a tempdir, as `shoal node` serves it to
 //! containerd, and talks to it with containerd-client's real `SnapshotsClient`.
 
-use std::collections::HashMap;
-use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use containerd_client::services::v1::snapshots::{self as api, snapshots_client::SnapshotsClient};
 use containerd_client::types::Mount;
 use containerd_client::with_namespace;
 use shoal_plugin::snapshotter::{OverlaySnapshotter, service};
-use tokio::net::UnixListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
+use tonic::service::Routes;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Request, Status};
+
+pub use crate::common::{Labels, code, labels};
+use crate::common::{Served, serve};
 
 /// containerd sends the proxy plugin's name; the snapshotter ignores it.
 const SNAPSHOTTER: &str = "shoal";
 const NAMESPACE: &str = "default";
 
-pub type Labels = HashMap<String, String>;
-
-pub fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
-
-/// The code of a call that must fail.
-pub fn err_code<T: Debug>(result: Result<T, Status>) -> anyhow::Result<Code> {
-    match result {
-        Ok(v) => anyhow::bail!("expected an error, got {v:?}"),
-        Err(status) => Ok(status.code()),
-    }
-}
-
 /// A running snapshotter service.
 pub struct Server {
     pub root: PathBuf,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    served: Served,
 }
 
 impl Server {
     /// Serves the snapshotter rooted at `dir/root` on `dir/shoal.sock` and connects a client.
     pub async fn start(dir: &Path) -> anyhow::Result<(Server, Client)> {
         let root = dir.join("root");
-        let socket = dir.join("shoal.sock");
-        if socket.exists() {
-            std::fs::remove_file(&socket)?;
-        }
         let snapshotter = OverlaySnapshotter::open(&root)?;
-        // Bound before the client connects, so no readiness wait is needed.
-        let listener = UnixListener::bind(&socket)?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service(snapshotter))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
-                    stopped.await.ok();
-                }),
-        );
-        let channel = containerd_client::connect(&socket)
-            .await
-            .context("connecting to the snapshotter")?;
+        let socket = dir.join("shoal.sock");
+        let (served, channel) = serve(&socket, Routes::new(service(snapshotter))).await?;
         let client = Client {
             inner: SnapshotsClient::new(channel),
         };
-        Ok((Server { root, stop, task }, client))
+        Ok((Server { root, served }, client))
     }
 
     /// Stops serving; the snapshotter (and its database) is closed when this returns.
     pub async fn stop(self, client: Client) -> anyhow::Result<()> {
         drop(client);
-        self.stop.send(()).ok();
-        self.task.await??;
-        Ok(())
+        self.served.stop().await
     }
 
     pub fn dir(&self, id: u64) -> PathBuf {

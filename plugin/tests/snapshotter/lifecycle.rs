@@ -5,7 +5,7 @@ use std::fs;
 
 use tonic::Code;
 
-use crate::harness::{Client, Labels, Server, bind, err_code, labels, overlay};
+use crate::harness::{Client, Labels, Server, bind, code, labels, overlay};
 
 #[tokio::test]
 async fn prepare_commit_chains_and_their_mounts() -> anyhow::Result<()> {
@@ -25,7 +25,7 @@ async fn prepare_commit_chains_and_their_mounts() -> anyhow::Result<()> {
     );
     c.commit("c1", "a1", labels(&[("l", "1")])).await?;
     assert_eq!(
-        err_code(c.stat("a1").await)?,
+        code(c.stat("a1").await)?,
         Code::NotFound,
         "the key is gone after commit"
     );
@@ -65,7 +65,7 @@ async fn prepare_commit_chains_and_their_mounts() -> anyhow::Result<()> {
     );
     assert_eq!(c.mounts("v2").await?, v2);
     assert_eq!(c.stat("v2").await?.kind, 1);
-    assert_eq!(err_code(c.mounts("c1").await)?, Code::FailedPrecondition);
+    assert_eq!(code(c.mounts("c1").await)?, Code::FailedPrecondition);
 
     // Active with two parents.
     let m = c.prepare("a3", "c2", Labels::new()).await?;
@@ -85,40 +85,40 @@ async fn one_key_one_snapshot() -> anyhow::Result<()> {
     c.layer("base", "").await?;
     c.prepare("new", "base", Labels::new()).await?;
     assert_eq!(
-        err_code(c.view("new", "base", Labels::new()).await)?,
+        code(c.view("new", "base", Labels::new()).await)?,
         Code::AlreadyExists
     );
     assert_eq!(
-        err_code(c.prepare("new", "", Labels::new()).await)?,
+        code(c.prepare("new", "", Labels::new()).await)?,
         Code::AlreadyExists
     );
     c.view("view", "base", Labels::new()).await?;
     assert_eq!(
-        err_code(c.view("view", "base", Labels::new()).await)?,
+        code(c.view("view", "base", Labels::new()).await)?,
         Code::AlreadyExists
     );
     assert_eq!(
-        err_code(c.prepare("base", "", Labels::new()).await)?,
+        code(c.prepare("base", "", Labels::new()).await)?,
         Code::AlreadyExists
     );
     assert_eq!(
-        err_code(c.commit("base", "new", Labels::new()).await)?,
+        code(c.commit("base", "new", Labels::new()).await)?,
         Code::AlreadyExists
     );
     assert_eq!(
-        err_code(c.commit("view", "new", Labels::new()).await)?,
+        code(c.commit("view", "new", Labels::new()).await)?,
         Code::AlreadyExists
     );
     assert_eq!(
-        err_code(c.commit("again", "base", Labels::new()).await)?,
+        code(c.commit("again", "base", Labels::new()).await)?,
         Code::FailedPrecondition
     );
     assert_eq!(
-        err_code(c.commit("again", "view", Labels::new()).await)?,
+        code(c.commit("again", "view", Labels::new()).await)?,
         Code::FailedPrecondition
     );
     assert_eq!(
-        err_code(c.commit("again", "missing", Labels::new()).await)?,
+        code(c.commit("again", "missing", Labels::new()).await)?,
         Code::NotFound
     );
     // The failed calls changed nothing.
@@ -134,14 +134,14 @@ async fn remove_refuses_parents_and_frees_keys() -> anyhow::Result<()> {
     c.layer("base", "").await?;
     c.layer("inter", "base").await?;
     c.prepare("top", "inter", Labels::new()).await?;
-    assert_eq!(err_code(c.remove("inter").await)?, Code::FailedPrecondition);
-    assert_eq!(err_code(c.remove("base").await)?, Code::FailedPrecondition);
+    assert_eq!(code(c.remove("inter").await)?, Code::FailedPrecondition);
+    assert_eq!(code(c.remove("base").await)?, Code::FailedPrecondition);
     c.remove("top").await?;
     assert!(!s.dir(3).exists(), "the directory goes with the record");
     c.remove("inter").await?;
     c.remove("base").await?;
     assert!(!s.dir(1).exists() && !s.dir(2).exists());
-    assert_eq!(err_code(c.remove("base").await)?, Code::NotFound);
+    assert_eq!(code(c.remove("base").await)?, Code::NotFound);
     assert!(c.list(&[]).await?.is_empty());
 
     // containerd's checkRemove: keys are free again once removed.
@@ -179,7 +179,7 @@ async fn usage_is_measured_and_kept_at_commit() -> anyhow::Result<()> {
     );
     c.view("v", "c", Labels::new()).await?;
     assert_eq!(c.usage("v").await?.inodes, 0);
-    assert_eq!(err_code(c.usage("missing").await)?, Code::NotFound);
+    assert_eq!(code(c.usage("missing").await)?, Code::NotFound);
     s.stop(c).await
 }
 
@@ -247,7 +247,7 @@ async fn metadata_survives_a_restart() -> anyhow::Result<()> {
     }
     assert_eq!(c.mounts("a").await?, mounts);
     assert_eq!(c.list(&["labels.l"]).await?, ["a", "v"]);
-    assert_eq!(err_code(c.remove("c1").await)?, Code::FailedPrecondition);
+    assert_eq!(code(c.remove("c1").await)?, Code::FailedPrecondition);
     // Ids are not reused after a restart.
     assert_eq!(
         c.prepare("new", "", Labels::new()).await?,

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use containerd_client::services::v1::snapshots::Info;
 use tonic::Code;
 
-use crate::harness::{Client, Labels, Server, err_code, labels};
+use crate::harness::{Client, Labels, Server, code, labels};
 
 /// containerd's `baseTestSnapshots`.
 async fn base_snapshots(c: &mut Client) -> anyhow::Result<()> {
@@ -98,11 +98,11 @@ async fn update_follows_field_masks() -> anyhow::Result<()> {
         );
 
         assert_eq!(
-            err_code(c.update(Some(asked.clone()), &["parent"]).await)?,
+            code(c.update(Some(asked.clone()), &["parent"]).await)?,
             Code::InvalidArgument
         );
         assert_eq!(
-            err_code(c.update(Some(asked), &["labels.x", "name"]).await)?,
+            code(c.update(Some(asked), &["labels.x", "name"]).await)?,
             Code::InvalidArgument
         );
         assert_eq!(
@@ -111,15 +111,12 @@ async fn update_follows_field_masks() -> anyhow::Result<()> {
             "a refused update changes nothing"
         );
     }
-    assert_eq!(err_code(c.update(None, &[]).await)?, Code::InvalidArgument);
+    assert_eq!(code(c.update(None, &[]).await)?, Code::InvalidArgument);
     let missing = Info {
         name: "missing".to_owned(),
         ..Info::default()
     };
-    assert_eq!(
-        err_code(c.update(Some(missing), &[]).await)?,
-        Code::NotFound
-    );
+    assert_eq!(code(c.update(Some(missing), &[]).await)?, Code::NotFound);
     s.stop(c).await
 }
 
@@ -182,11 +179,7 @@ async fn list_filters_like_containerd_walk() -> anyhow::Result<()> {
         "the eight above and one unlabelled"
     );
     for bad in ["name=p", "labels.\"x", "name~=(", "kind==active ,name==a"] {
-        assert_eq!(
-            err_code(c.list(&[bad]).await)?,
-            Code::InvalidArgument,
-            "{bad}"
-        );
+        assert_eq!(code(c.list(&[bad]).await)?, Code::InvalidArgument, "{bad}");
     }
     let infos: Vec<Info> = c.list_batches(&["name==a-wl"]).await?.concat();
     assert_eq!(

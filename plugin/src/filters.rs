@@ -1,5 +1,6 @@
-//! containerd's filter language (`pkg/filters`), as `List` receives it: a filter is
-//! `selector("," selector)*`, all of which must match; several filters match if any does.
+//! containerd's filter language (`pkg/filters`), as the snapshotter's `List` and the content
+//! store's `List` and `ListStatuses` receive it: a filter is `selector("," selector)*`, all of
+//! which must match; several filters match if any does.
 //!
 //! ```text
 //! selector  := fieldpath (operator value)?      no operator: the field is present
@@ -10,15 +11,43 @@
 //! quoted    := Go string syntax in "…", or /…/ and |…| after ~=
 //! ```
 //!
-//! Snapshots expose `kind` (`active`, `view`, `committed`), `name`, `parent` and `labels.<key>`,
-//! as containerd's `adaptSnapshot` does. The scanner and parser follow containerd's, quirks
-//! included (no spaces around `,`), so a filter means here what it means in containerd.
+//! The scanner and parser follow containerd's, quirks included (no spaces before `,`, a value
+//! cannot start with `.`), so a filter means here what it means in containerd. What a field is
+//! belongs to each listing: it implements [`Fields`] as containerd's adaptors do, and a field
+//! it does not expose is never present. One deliberate difference: a `~=` regular expression
+//! is compiled when the filter is parsed, so a bad one is an invalid argument rather than a
+//! selector that silently matches nothing.
+
+use std::borrow::Cow;
 
 use regex::Regex;
 
-use super::{Error, Info};
+use crate::labels::Labels;
 
-/// Parsed filters; matches when any of the alternatives does.
+/// Something filters can look into: the value at a field path, if it has one (containerd's
+/// `filters.Adaptor`).
+pub trait Fields {
+    fn field(&self, path: &[String]) -> Option<Cow<'_, str>>;
+}
+
+/// The value of `labels.<key>` (the path after `labels`), as containerd's `checkMap`: keys may
+/// contain dots, so the rest of the path is joined again.
+pub(crate) fn label<'a>(labels: &'a Labels, key: &[String]) -> Option<Cow<'a, str>> {
+    labels
+        .get(&key.join("."))
+        .map(|v| Cow::Borrowed(v.as_str()))
+}
+
+/// A filter that does not parse; containerd expects InvalidArgument for it.
+#[derive(Debug, thiserror::Error)]
+#[error("filter {filter:?}: {reason}")]
+pub struct FilterError {
+    /// The filter, cut to its first 256 characters.
+    filter: String,
+    reason: String,
+}
+
+/// Parsed filters; matches when any of the alternatives does (or when there are none).
 #[derive(Debug)]
 pub(crate) struct Filter {
     any: Vec<Vec<Selector>>,
@@ -39,12 +68,12 @@ enum Op {
 }
 
 impl Filter {
-    pub fn parse_all(filters: &[String]) -> Result<Filter, Error> {
+    pub fn parse_all(filters: &[String]) -> Result<Filter, FilterError> {
         let any = filters
             .iter()
             .map(|f| {
-                parse(f).map_err(|reason| Error::Filter {
-                    filter: f.clone(),
+                parse(f).map_err(|reason| FilterError {
+                    filter: f.chars().take(256).collect(),
                     reason,
                 })
             })
@@ -52,34 +81,25 @@ impl Filter {
         Ok(Filter { any })
     }
 
-    pub fn matches(&self, info: &Info) -> bool {
+    pub fn matches(&self, item: &impl Fields) -> bool {
         self.any.is_empty()
             || self
                 .any
                 .iter()
-                .any(|all| all.iter().all(|s| s.matches(info)))
+                .any(|all| all.iter().all(|s| s.matches(item)))
     }
 }
 
 impl Selector {
-    fn matches(&self, info: &Info) -> bool {
-        let field = field(info, &self.path);
+    fn matches(&self, item: &impl Fields) -> bool {
+        let field = item.field(&self.path);
+        let field = field.as_deref();
         match &self.op {
             Op::Present => field.is_some(),
             Op::Equal(v) => field == Some(v.as_str()),
             Op::NotEqual(v) => field.unwrap_or("") != v,
             Op::Matches(re) => re.is_match(field.unwrap_or("")),
         }
-    }
-}
-
-fn field<'a>(info: &'a Info, path: &[String]) -> Option<&'a str> {
-    match path.first()?.as_str() {
-        "kind" => Some(info.kind.as_str()),
-        "name" => Some(&info.name),
-        "parent" => Some(&info.parent),
-        "labels" => info.labels.get(&path[1..].join(".")).map(String::as_str),
-        _ => None,
     }
 }
 
@@ -310,67 +330,70 @@ fn unquote(quoted: &str, alt: bool) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::UNIX_EPOCH;
+    use std::collections::HashMap;
 
-    use super::super::{Kind, Labels};
     use super::*;
 
-    fn info(name: &str, kind: Kind, parent: &str, labels: &[(&str, &str)]) -> Info {
-        Info {
-            name: name.to_owned(),
-            parent: parent.to_owned(),
-            kind,
-            created: UNIX_EPOCH,
-            updated: UNIX_EPOCH,
-            labels: labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect::<Labels>(),
+    /// An item exposing exactly the paths it is given, as "a.b.c".
+    struct Item(HashMap<&'static str, &'static str>);
+
+    impl Fields for Item {
+        fn field(&self, path: &[String]) -> Option<Cow<'_, str>> {
+            self.0
+                .get(path.join(".").as_str())
+                .map(|v| Cow::Borrowed(*v))
         }
     }
 
-    fn matches(filters: &[&str], info: &Info) -> bool {
+    fn matches(filters: &[&str], item: &Item) -> bool {
         let filters: Vec<String> = filters.iter().map(|f| (*f).to_owned()).collect();
         Filter::parse_all(&filters)
             .unwrap_or_else(|e| panic!("{e}"))
-            .matches(info)
+            .matches(item)
     }
 
     #[test]
     fn selectors_match_like_containerd() {
-        let a = info(
-            "a-wl",
-            Kind::Active,
-            "p-wl",
-            &[("l", "2"), ("containerd.io/gc.root", "check-walk")],
-        );
-        assert!(matches(&[], &a));
-        assert!(matches(&[""], &a));
-        assert!(matches(
-            &[r#"labels."containerd.io/gc.root"==check-walk"#],
-            &a
-        ));
-        assert!(matches(&["kind==active,labels.l==2"], &a));
-        assert!(!matches(&["kind==view,labels.l==2"], &a));
-        assert!(matches(&["kind==view", "name==a-wl"], &a));
-        assert!(matches(&["name==a-wl,labels.l"], &a));
-        assert!(matches(&[r#"parent!="""#], &a));
-        assert!(!matches(&["labels.missing"], &a));
-        assert!(matches(&["labels.missing!=x"], &a));
-        assert!(matches(&["name~=^a-", "name==zzz"], &a));
-        assert!(matches(&["name~=/w.$/"], &a));
-        assert!(matches(&["parent==p-wl"], &a));
-        assert!(
-            matches(&["kind== active"], &a),
-            "spaces before a value are skipped"
-        );
-        let no_labels = info("sha256:ab.cd", Kind::Committed, "", &[]);
-        assert!(matches(&["name==sha256:ab.cd,kind==committed"], &no_labels));
-        assert!(!matches(&["labels.l!=2,labels.l"], &no_labels));
+        let item = Item(HashMap::from([
+            ("name", "sha256:ab.cd"),
+            ("kind", "active"),
+            ("parent", ""),
+            ("labels.containerd.io/gc.root", "x"),
+            ("labels.l", "2"),
+        ]));
+        assert!(matches(&[], &item));
+        assert!(matches(&[""], &item));
+        assert!(matches(&[r#"labels."containerd.io/gc.root"==x"#], &item));
+        assert!(matches(&["name==sha256:ab.cd,labels.l==2"], &item));
+        assert!(matches(&["name == sha256:ab.cd, labels.l"], &item));
+        assert!(!matches(&["kind==view,labels.l==2"], &item));
+        assert!(matches(&["labels.l==3", "labels.l==2"], &item));
+        assert!(!matches(&["labels.missing"], &item));
+        assert!(matches(&["labels.missing!=x"], &item));
+        assert!(!matches(&["labels.l!=2,labels.l"], &item));
+        assert!(matches(&["parent"], &item), "an empty value is present");
+        assert!(matches(&[r#"parent!="x""#], &item));
+        assert!(matches(&["kind== active"], &item), "spaces before a value");
+        assert!(matches(&["name~=^sha256:", "name==zzz"], &item));
+        assert!(matches(&["name~=/d$/"], &item));
+        assert!(matches(&["kind~=|^act|"], &item));
+        assert!(matches(&[r#"labels.l=="\x32""#], &item));
+        assert!(matches(&[r#"labels.l=="\062""#], &item));
     }
 
     #[test]
-    fn bad_filters_are_invalid_arguments() {
+    fn unknown_fields_are_never_present() {
+        let item = Item(HashMap::from([("name", "a")]));
+        assert!(!matches(&["unknown"], &item));
+        assert!(!matches(&["unknown==x"], &item));
+        assert!(!matches(&["name==a,unknown==x"], &item));
+        // As in containerd: an absent field compares as "".
+        assert!(matches(&["unknown!=x"], &item));
+        assert!(matches(&["unknown~=^$"], &item));
+    }
+
+    #[test]
+    fn bad_filters_do_not_parse() {
         for bad in [
             "==x",
             "name==",
@@ -378,18 +401,27 @@ mod tests {
             "name===x",
             "name==a b",
             "name ,x",
+            "name==a ,labels.l",
             "labels.\"unterminated",
             "name==\"a\\qb\"",
             "name~=(",
             "name==x\0",
             "labels.|alt|==x",
+            "name==/alt/",
+            "name==.x",
+            "name==\"\\xff\"",
         ] {
-            let result = Filter::parse_all(&[bad.to_owned()]);
-            let err = result
-                .err()
-                .unwrap_or_else(|| panic!("{bad:?} must not parse"));
-            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+            assert!(
+                Filter::parse_all(&[bad.to_owned()]).is_err(),
+                "{bad:?} must not parse"
+            );
         }
+        let long = format!("name=={}", "x ".repeat(1000));
+        let err = Filter::parse_all(&["name".to_owned(), long]).err();
+        assert!(
+            err.is_some_and(|e| e.to_string().len() < 400),
+            "a long filter is cut in the error"
+        );
     }
 
     #[test]
