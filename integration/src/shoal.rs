@@ -5,13 +5,14 @@
 //! options): it is started through `nsenter --net`, listens on the addresses given, and the
 //! harness reaches it from a thread inside that namespace.
 
+use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::proc::{Child, free_port, wait_for_tcp};
+use crate::proc::{Child, free_port, wait_until};
 use crate::{netns, shoal_bin};
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -47,8 +48,9 @@ impl Tracker {
         std::fs::write(&config, format!("[tracker]\nlisten = \"{addr}\"\n"))?;
         let mut cmd = command(opts.netns.as_deref(), shoal_bin()?);
         cmd.arg("tracker").arg("--config").arg(&config);
-        let child = Child::spawn("tracker", cmd, dir)?;
-        wait_for_tcp_in(opts.netns.as_deref(), &addr).context("waiting for the tracker")?;
+        let mut child = Child::spawn("tracker", cmd, dir)?;
+        wait_for_listener(&mut child, opts.netns.as_deref(), &addr)
+            .context("waiting for the tracker")?;
         Ok(Self { child, addr })
     }
 
@@ -124,8 +126,8 @@ impl Node {
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         );
-        let child = Child::spawn(name, cmd, &home)?;
-        wait_for_tcp_in(opts.netns.as_deref(), &mirror)
+        let mut child = Child::spawn(name, cmd, &home)?;
+        wait_for_listener(&mut child, opts.netns.as_deref(), &mirror)
             .with_context(|| format!("waiting for {name}'s mirror"))?;
         if !opts.seed {
             crate::proc::wait_until(START_TIMEOUT, &format!("{name}'s socket"), || {
@@ -177,9 +179,21 @@ fn command(netns: Option<&str>, program: PathBuf) -> Command {
     }
 }
 
-fn wait_for_tcp_in(netns: Option<&str>, addr: &str) -> Result<()> {
+/// Waits until `addr` (in `netns`, if given) accepts connections; fails at once, with its log,
+/// if `child` exits first (a bad config, a port in use).
+fn wait_for_listener(child: &mut Child, netns: Option<&str>, addr: &str) -> Result<()> {
+    let mut wait = || {
+        wait_until(START_TIMEOUT, &format!("a TCP listener at {addr}"), || {
+            child.ensure_running()?;
+            Ok(addr
+                .to_socket_addrs()
+                .into_iter()
+                .flatten()
+                .any(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok()))
+        })
+    };
     match netns {
-        Some(ns) => netns::in_netns(ns, || wait_for_tcp(addr, START_TIMEOUT)),
-        None => wait_for_tcp(addr, START_TIMEOUT),
+        Some(ns) => netns::in_netns(ns, wait),
+        None => wait(),
     }
 }

@@ -2,6 +2,7 @@
 //! in the same run. Figures go to BENCHMARKS.md with the command that produced them.
 
 mod demo;
+mod plugin;
 mod swarm;
 
 use std::process::ExitCode;
@@ -19,6 +20,8 @@ struct Cli {
 enum Command {
     /// The quickstart: registry, tracker, seed, two nodes with their own containerd.
     Demo(demo::Args),
+    /// containerd plugin: snapshot latency and content read throughput beside the built-ins.
+    Plugin(plugin::Args),
     /// Swarm distribution: N peers in network namespaces fetch one blob at the same moment.
     Swarm(swarm::Args),
 }
@@ -27,6 +30,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
+        Command::Plugin(args) => plugin::run(args),
         Command::Swarm(args) => swarm::run(args),
     };
     match result {

@@ -52,6 +52,9 @@ pub struct Args {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
+    /// Also write the JSON object to this file.
+    #[arg(long, value_name = "PATH")]
+    json_file: Option<PathBuf>,
     /// Add a `shoal seed` host (without one, one node back-sources the blob).
     #[arg(long)]
     seed: bool,
@@ -70,6 +73,9 @@ pub struct Args {
     /// Extra `[p2p]` setting for every node and seed, as TOML `key = value` (repeatable).
     #[arg(long = "p2p", value_name = "KEY=VALUE")]
     p2p: Vec<String>,
+    /// Also print how the blob spread: each node's share of it, every few seconds.
+    #[arg(long)]
+    timeline: bool,
     /// Keep configs, logs and data in this directory instead of a temporary one.
     #[arg(long)]
     workdir: Option<PathBuf>,
@@ -84,7 +90,7 @@ const SWARM_PORT: u16 = 7071;
 const MIRROR_ADDR: &str = "127.0.0.1:7072";
 const REPO: &str = "bench/blob";
 /// Seed of the blob's bytes: the same blob every run.
-const DATA_SEED: u64 = 0x5_4f41_4c;
+const DATA_SEED: u64 = 0x054f_414c;
 /// Linux reports process CPU times in these ticks per second (USER_HZ).
 const USER_HZ: f64 = 100.0;
 
@@ -125,8 +131,12 @@ pub fn run(args: Args) -> Result<()> {
         .collect();
     let report = result?;
     ensure!(left.is_empty(), "network namespaces left behind: {left:?}");
+    let json = serde_json::to_string_pretty(&report.to_json())?;
+    if let Some(path) = &args.json_file {
+        fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+        println!("{json}");
     } else {
         report.print();
     }
@@ -242,6 +252,7 @@ fn bench(args: &Args, prefix: &str) -> Result<Report> {
             .take(3)
             .collect::<Vec<_>>()
             .join(" "),
+        timeline: args.timeline,
     })
 }
 
@@ -266,6 +277,8 @@ struct Blob {
 /// One way of distributing the blob, measured.
 #[derive(Debug)]
 struct Run {
+    /// When every peer asked.
+    start: Instant,
     /// Seconds from the common start to each peer's last byte, in peer order.
     times: Vec<f64>,
     /// Share of all CPUs busy during the run (1.0: CPU-bound), whoever kept them busy.
@@ -290,6 +303,8 @@ struct NodeStats {
     cpu_s: f64,
     /// `shoal_swarm_*` samples from `/metrics`, without the prefix and `_total`.
     metrics: BTreeMap<String, f64>,
+    /// (seconds since the start, bytes held, of which from upstream, bytes sent to peers).
+    timeline: Vec<[f64; 4]>,
 }
 
 fn shoal_run(s: &Setup) -> Result<ShoalRun> {
@@ -313,7 +328,7 @@ fn shoal_run(s: &Setup) -> Result<ShoalRun> {
         mirror: Some(MIRROR_ADDR.to_owned()),
         ..NodeOptions::default()
     };
-    let seed = match s.seed_host {
+    let mut seed = match s.seed_host {
         Some(host) => Some(Node::start(
             &dir,
             "seed",
@@ -324,7 +339,7 @@ fn shoal_run(s: &Setup) -> Result<ShoalRun> {
         )?),
         None => None,
     };
-    let nodes = s
+    let mut nodes = s
         .peers
         .iter()
         .map(|host| Node::start(&dir, &host.label, &options(host)))
@@ -367,11 +382,35 @@ fn shoal_run(s: &Setup) -> Result<ShoalRun> {
         .map(|n| n.child.pid())
         .chain([tracker.child.pid(), s.registry.pid()])
         .collect();
-    let run = fetch_all(targets, s.blob, s.timeout, &pids)?;
-    let stats = nodes
+    let all: Vec<&Node> = nodes.iter().chain(&seed).collect();
+    let sampler = Sampler::start(&all);
+    let run = fetch_all(targets, s.blob, s.timeout, &pids);
+    let timelines = sampler.finish();
+    let run = match run {
+        Ok(run) => run,
+        Err(e) => {
+            // Nodes still streaming to abandoned clients would each take the whole stop grace.
+            for node in nodes.iter_mut().chain(seed.iter_mut()) {
+                let _ = node.child.kill();
+            }
+            return Err(e);
+        }
+    };
+    let stats = all
         .iter()
-        .chain(&seed)
-        .map(node_stats)
+        .zip(timelines)
+        .map(|(node, samples)| {
+            let mut stats = node_stats(node)?;
+            stats.timeline = samples
+                .iter()
+                .filter(|x| x.at >= run.start)
+                .map(|x| {
+                    let t = (x.at - run.start).as_secs_f64();
+                    [t, x.have, x.upstream, x.sent]
+                })
+                .collect();
+            Ok(stats)
+        })
         .collect::<Result<Vec<_>>>()?;
     let after = s.registry.requests()?;
     let served = &after[before.min(after.len())..];
@@ -395,9 +434,18 @@ fn node_stats(node: &Node) -> Result<NodeStats> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .context("no VmHWM in /proc/PID/status")?
         * 1024;
-    let metrics = node
-        .metrics_text()?
-        .lines()
+    Ok(NodeStats {
+        name: node.name.clone(),
+        peak_rss,
+        cpu_s: process_cpu_seconds(pid)?,
+        metrics: swarm_metrics(&node.metrics_text()?),
+        timeline: Vec::new(),
+    })
+}
+
+/// The `shoal_swarm_*` samples of a `/metrics` page, named without the prefix and `_total`.
+fn swarm_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.split_once(' '))
         .filter_map(|(k, v)| {
@@ -408,13 +456,77 @@ fn node_stats(node: &Node) -> Result<NodeStats> {
         .fold(BTreeMap::new(), |mut m, (k, v)| {
             *m.entry(k).or_insert(0.0) += v;
             m
-        });
-    Ok(NodeStats {
-        name: node.name.clone(),
-        peak_rss,
-        cpu_s: process_cpu_seconds(pid)?,
-        metrics,
-    })
+        })
+}
+
+/// One reading of a node's counters.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    at: Instant,
+    have: f64,
+    upstream: f64,
+    sent: f64,
+}
+
+/// Reads every node's counters a few times a second while the Shoal run lasts, to show how
+/// the blob spread (who was waiting on whom).
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<Vec<Sample>>>,
+}
+
+impl Sampler {
+    const EVERY: Duration = Duration::from_millis(250);
+
+    fn start(nodes: &[&Node]) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = nodes
+            .iter()
+            .map(|node| {
+                let (stop, netns) = (stop.clone(), node.netns.clone());
+                let url = format!("{}/metrics", node.mirror_url());
+                thread::spawn(move || {
+                    let mut samples = Vec::new();
+                    if let Some(ns) = netns
+                        && netns::enter(&ns).is_err()
+                    {
+                        return samples;
+                    }
+                    let Ok(client) = reqwest::blocking::Client::builder()
+                        .timeout(Duration::from_secs(5))
+                        .build()
+                    else {
+                        return samples;
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        let at = Instant::now();
+                        if let Ok(text) = client.get(&url).send().and_then(|r| r.text()) {
+                            let m = swarm_metrics(&text);
+                            let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
+                            let upstream = get("bytes_from_upstream");
+                            samples.push(Sample {
+                                at,
+                                have: get("bytes_from_peers") + upstream,
+                                upstream,
+                                sent: get("bytes_to_peers"),
+                            });
+                        }
+                        thread::sleep(Self::EVERY.saturating_sub(at.elapsed()));
+                    }
+                    samples
+                })
+            })
+            .collect();
+        Sampler { stop, threads }
+    }
+
+    fn finish(self) -> Vec<Vec<Sample>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or_default())
+            .collect()
+    }
 }
 
 /// GETs a blob on every host at the same moment: `(host, warm-up URL, blob URL)`. Each client
@@ -474,6 +586,7 @@ fn fetch_all(
         .map(|e| e.map_or(f64::NAN, |end| (end - start).as_secs_f64()))
         .collect();
     Ok(Run {
+        start,
         times,
         cpu_busy,
         cpu_s,
@@ -577,6 +690,7 @@ fn bittorrent_run(s: &Setup, seed_host: &Host, blob_file: &Path) -> Result<Run> 
         })
         .collect();
     Ok(Run {
+        start: started,
         times,
         cpu_busy,
         cpu_s,
@@ -718,6 +832,8 @@ struct Report {
     cpus: usize,
     /// `/proc/loadavg` before the runs: the machine may be shared.
     load: String,
+    /// Print the Shoal run's timeline.
+    timeline: bool,
 }
 
 /// p50, p99 (nearest rank) and max of some times.
@@ -799,6 +915,7 @@ impl Report {
                         "rss_bytes": n.peak_rss,
                         "cpu_s": n.cpu_s,
                         "metrics": n.metrics,
+                        "timeline": n.timeline,
                     })
                 })
                 .collect();
@@ -902,6 +1019,40 @@ impl Report {
                 node_columns(seed)
             );
         }
+        if let Some(s) = self.shoal.as_ref().filter(|_| self.timeline) {
+            print_timeline(s, self.blob.size);
+        }
+    }
+}
+
+/// Each node's share of the blob (%) over the Shoal run, about 25 rows; `*` marks a node
+/// that fetched from upstream since the previous row.
+fn print_timeline(s: &ShoalRun, size: u64) {
+    let end = Summary::of(&s.run.times).max;
+    let step = (end / 25.0).max(0.25);
+    println!();
+    print!("{:>6}", "t s");
+    for n in &s.nodes {
+        let short = n.name.replace("peer", "p");
+        print!(" {short:>5}");
+    }
+    println!();
+    let mut t = 0.0;
+    while t < end + step {
+        print!("{t:>6.1}");
+        for n in &s.nodes {
+            let at = |t: f64| n.timeline.iter().rev().find(|x| x[0] <= t);
+            match at(t) {
+                Some(x) => {
+                    let fetching = at(t - step).is_some_and(|y| x[2] > y[2]);
+                    let pct = x[1] / size as f64 * 100.0;
+                    print!(" {pct:>4.0}{}", if fetching { '*' } else { ' ' });
+                }
+                None => print!(" {:>5}", "-"),
+            }
+        }
+        println!();
+        t += step;
     }
 }
 
