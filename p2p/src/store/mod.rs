@@ -315,6 +315,8 @@ impl BlobStore {
     /// Called by a blob when it becomes complete.
     fn completed(&self, digest: Digest) {
         self.lock().lru.put(digest, ());
+        // Blobs that were in use when this one was started may be free by now.
+        self.make_room(0);
     }
 
     /// Called by a blob whose content failed its digest check: forget it so a fresh download

@@ -2,10 +2,12 @@
 //! to the torrent, and a writer that sends our messages and serves the peer's requests.
 //!
 //! Uploads are queued per connection (bounded) and served one piece at a time through the
-//! node's egress limiter, so a connection holds at most one piece in memory for uploads. A
-//! request for a piece we lack, or one that other peers can serve while our queue is busy, is
-//! answered with `Reject` so the asker goes elsewhere: the first copies of a piece spread to
-//! different peers instead of all coming from whoever had it first.
+//! node's egress limiter, so a connection holds at most one piece in memory for uploads. The
+//! kernel keeps only a little unsent data per socket (`TCP_NOTSENT_LOWAT`), so the queue is the
+//! real backlog. A request is answered with `Reject` (ask elsewhere) when we lack the piece,
+//! when we are its only holder and already sending it to someone (super-seeding: the first copy
+//! of a new piece goes to one peer, who passes it on, instead of our uplink carrying it to
+//! everyone), or when our queue is busy and another peer has it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -32,13 +34,22 @@ const MAX_QUEUED: usize = 16;
 /// Above this many queued uploads we turn away requests other peers can serve.
 const BUSY_QUEUE: usize = 2;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Unsent bytes the kernel may hold per peer socket: enough to keep a fast link busy, small
+/// enough that our own queue, not the socket buffer, says how busy we are.
+const NOTSENT_LOWAT: u32 = 256 << 10;
+
+/// Sets the socket options every peer connection uses.
+pub(super) fn tune(stream: &TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOTSENT_LOWAT)
+}
 
 /// Opens a connection to `addr` and exchanges hellos.
 pub(super) async fn dial(addr: &str, hello: Hello) -> Result<(Transport, Hello), WireError> {
     let stream = tokio::time::timeout(HELLO_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
+    tune(&stream)?;
     let mut framed = Framed::new(stream, Codec);
     framed.send(Message::Hello(hello)).await?;
     let theirs = read_hello(&mut framed).await?;
@@ -72,11 +83,97 @@ fn kind(m: &Message) -> &'static str {
     }
 }
 
-/// Shared between a connection's reader and writer.
+/// Per-piece counts a torrent shares with its connections.
 #[derive(Debug, Default)]
+pub(super) struct PieceCounts {
+    /// How many of the torrent's peers have each piece.
+    pub avail: Vec<AtomicU16>,
+    /// How many of our connections have each piece queued or on the wire.
+    pub uploading: Vec<AtomicU16>,
+}
+
+impl PieceCounts {
+    pub fn new(pieces: u32) -> Self {
+        let zeros = || (0..pieces).map(|_| AtomicU16::new(0)).collect();
+        Self {
+            avail: zeros(),
+            uploading: zeros(),
+        }
+    }
+
+    fn get(counts: &[AtomicU16], index: u32) -> u16 {
+        counts
+            .get(index as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    fn add(counts: &[AtomicU16], index: u32, delta: i16) {
+        if let Some(c) = counts.get(index as usize) {
+            let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                v.checked_add_signed(delta)
+            });
+        }
+    }
+
+    pub fn add_avail(&self, index: u32, delta: i16) {
+        Self::add(&self.avail, index, delta);
+    }
+}
+
+/// A connection's upload queue, shared by its reader (which fills it) and writer (which
+/// drains it), keeping the torrent-wide `uploading` counts in step.
+#[derive(Debug)]
 struct Uploads {
     queue: Mutex<VecDeque<u32>>,
     ready: Notify,
+    counts: Arc<PieceCounts>,
+}
+
+impl Uploads {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<u32>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, index: u32) {
+        self.queue().push_back(index);
+        PieceCounts::add(&self.counts.uploading, index, 1);
+        self.ready.notify_one();
+    }
+
+    fn pop(&self) -> Option<u32> {
+        self.queue().pop_front()
+    }
+
+    /// A popped piece has been sent (or given up on).
+    fn done(&self, index: u32) {
+        PieceCounts::add(&self.counts.uploading, index, -1);
+    }
+
+    fn cancel(&self, index: u32) {
+        let mut queue = self.queue();
+        let before = queue.len();
+        queue.retain(|&i| i != index);
+        for _ in queue.len()..before {
+            self.done(index);
+        }
+    }
+
+    /// Whether to turn a request for `index` away (see the module docs).
+    fn should_reject(&self, index: u32, have: bool) -> bool {
+        let queued = self.queue().len();
+        let elsewhere = PieceCounts::get(&self.counts.avail, index) > 0;
+        let sending = PieceCounts::get(&self.counts.uploading, index) > 0;
+        !have || (!elsewhere && sending) || (elsewhere && queued >= BUSY_QUEUE)
+    }
+}
+
+impl Drop for Uploads {
+    fn drop(&mut self) {
+        let left: Vec<u32> = self.queue().drain(..).collect();
+        for index in left {
+            self.done(index);
+        }
+    }
 }
 
 /// Everything a running connection needs.
@@ -88,8 +185,7 @@ pub(super) struct Conn {
     pub outbox: mpsc::Receiver<Message>,
     /// Our own sender, for replies (rejects) from the reader.
     pub reply: mpsc::Sender<Message>,
-    /// How many of the torrent's peers have each piece.
-    pub avail: Arc<Vec<AtomicU16>>,
+    pub counts: Arc<PieceCounts>,
     pub ctx: Arc<SwarmCtx>,
     pub cancel: CancellationToken,
 }
@@ -98,7 +194,11 @@ impl Conn {
     /// Runs until the peer hangs up, breaks the protocol, or the torrent drops us.
     pub(super) async fn run(self, framed: Transport) {
         let (sink, stream) = framed.split();
-        let uploads = Arc::new(Uploads::default());
+        let uploads = Arc::new(Uploads {
+            queue: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            counts: self.counts.clone(),
+        });
         let writer = tokio::spawn(write_loop(
             sink,
             self.outbox,
@@ -107,8 +207,16 @@ impl Conn {
             self.ctx.clone(),
             self.cancel.clone(),
         ));
+        let reader = Reader {
+            events: &self.events,
+            conn: self.id,
+            reply: &self.reply,
+            uploads: &uploads,
+            blob: &self.blob,
+            ctx: &self.ctx,
+        };
         let reason = tokio::select! {
-            r = read_loop(stream, &self.events, self.id, &self.reply, &uploads, &self.blob, &self.avail, &self.ctx) => r,
+            r = reader.run(stream) => r,
             () = self.cancel.cancelled() => "closed by us".to_owned(),
         };
         self.cancel.cancel();
@@ -124,70 +232,59 @@ impl Conn {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn read_loop(
-    mut stream: futures::stream::SplitStream<Transport>,
-    events: &mpsc::Sender<Event>,
+struct Reader<'a> {
+    events: &'a mpsc::Sender<Event>,
     conn: u64,
-    reply: &mpsc::Sender<Message>,
-    uploads: &Uploads,
-    blob: &Blob,
-    avail: &[AtomicU16],
-    ctx: &SwarmCtx,
-) -> String {
-    loop {
-        let msg = match stream.next().await {
-            None => return "peer closed the connection".into(),
-            Some(Err(e)) => return format!("protocol error: {e}"),
-            Some(Ok(m)) => m,
-        };
-        let event = match msg {
-            Message::Request(index) => {
-                let queued = uploads
-                    .queue
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .len();
-                if queued >= MAX_QUEUED {
-                    return format!("peer queued more than {MAX_QUEUED} requests");
-                }
-                let elsewhere = avail
-                    .get(index as usize)
-                    .is_some_and(|a| a.load(Ordering::Relaxed) > 0);
-                if !blob.has_piece(index) || (queued >= BUSY_QUEUE && elsewhere) {
-                    if reply.send(Message::Reject(index)).await.is_err() {
-                        return "writer gone".into();
+    reply: &'a mpsc::Sender<Message>,
+    uploads: &'a Uploads,
+    blob: &'a Blob,
+    ctx: &'a SwarmCtx,
+}
+
+impl Reader<'_> {
+    /// Forwards what the peer says to the torrent and queues its requests; returns why it ended.
+    async fn run(self, mut stream: futures::stream::SplitStream<Transport>) -> String {
+        let conn = self.conn;
+        loop {
+            let msg = match stream.next().await {
+                None => return "peer closed the connection".into(),
+                Some(Err(e)) => return format!("protocol error: {e}"),
+                Some(Ok(m)) => m,
+            };
+            let event = match msg {
+                Message::Request(index) => {
+                    if self.uploads.queue().len() >= MAX_QUEUED {
+                        return format!("peer queued more than {MAX_QUEUED} requests");
                     }
-                } else {
-                    uploads
-                        .queue
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push_back(index);
-                    uploads.ready.notify_one();
+                    if self
+                        .uploads
+                        .should_reject(index, self.blob.has_piece(index))
+                    {
+                        if self.reply.send(Message::Reject(index)).await.is_err() {
+                            return "writer gone".into();
+                        }
+                    } else {
+                        self.uploads.push(index);
+                    }
+                    continue;
                 }
-                continue;
+                Message::Cancel(index) => {
+                    self.uploads.cancel(index);
+                    continue;
+                }
+                Message::Piece { index, data } => {
+                    self.ctx.ingress.acquire(data.len()).await;
+                    Event::Piece { conn, index, data }
+                }
+                Message::Bitfield(bits) => Event::Bitfield { conn, bits },
+                Message::Have(index) => Event::Have { conn, index },
+                Message::Reject(index) => Event::Reject { conn, index },
+                Message::Goodbye(reason) => return format!("peer said goodbye: {reason}"),
+                Message::Hello(_) => return "second hello".into(),
+            };
+            if self.events.send(event).await.is_err() {
+                return "torrent gone".into();
             }
-            Message::Cancel(index) => {
-                uploads
-                    .queue
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .retain(|&i| i != index);
-                continue;
-            }
-            Message::Piece { index, data } => {
-                ctx.ingress.acquire(data.len()).await;
-                Event::Piece { conn, index, data }
-            }
-            Message::Bitfield(bits) => Event::Bitfield { conn, bits },
-            Message::Have(index) => Event::Have { conn, index },
-            Message::Reject(index) => Event::Reject { conn, index },
-            Message::Goodbye(reason) => return format!("peer said goodbye: {reason}"),
-            Message::Hello(_) => return "second hello".into(),
-        };
-        if events.send(event).await.is_err() {
-            return "torrent gone".into();
         }
     }
 }
@@ -202,30 +299,27 @@ async fn write_loop(
 ) {
     loop {
         // Control messages (requests, haves) go ahead of piece uploads.
-        let next_upload = || {
-            uploads
-                .queue
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop_front()
-        };
-        let msg = tokio::select! {
+        let (msg, uploaded) = tokio::select! {
             biased;
             () = cancel.cancelled() => break,
-            m = outbox.recv() => match m { Some(m) => m, None => break },
-            () = uploads.ready.notified(), if uploads.queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty() => continue,
-            Some(index) = async { next_upload() } => match read_piece(&blob, index).await {
+            m = outbox.recv() => match m { Some(m) => (m, None), None => break },
+            () = uploads.ready.notified(), if uploads.queue().is_empty() => continue,
+            Some(index) = async { uploads.pop() } => match read_piece(&blob, index).await {
                 Some(data) => {
                     ctx.egress.acquire(data.len()).await;
                     ctx.metrics.bytes_to_peers.inc_by(data.len() as u64);
                     ctx.metrics.pieces_served.inc();
                     let data = if ctx.cfg.corrupt_uploads { corrupt(data) } else { data };
-                    Message::Piece { index, data }
+                    (Message::Piece { index, data }, Some(index))
                 }
-                None => Message::Reject(index),
+                None => (Message::Reject(index), Some(index)),
             },
         };
-        if sink.send(msg).await.is_err() {
+        let sent = sink.send(msg).await;
+        if let Some(index) = uploaded {
+            uploads.done(index);
+        }
+        if sent.is_err() {
             break;
         }
     }

@@ -77,7 +77,7 @@ impl Default for P2pConfig {
             tracker: None,
             max_conns: 12,
             max_inflight: 24,
-            upstream_concurrency: 4,
+            upstream_concurrency: 8,
             ingress_mbit: 0,
             egress_mbit: 0,
             fallback_to_upstream: true,
@@ -248,7 +248,9 @@ impl Swarm {
     }
 
     async fn accept(self: Arc<Self>, stream: TcpStream, addr: String) {
-        let _ = stream.set_nodelay(true);
+        if let Err(e) = conn::tune(&stream) {
+            debug!(%addr, error = %e, "tuning peer socket");
+        }
         let mut transport = Framed::new(stream, Codec);
         let hello = match conn::read_hello(&mut transport).await {
             Ok(h) => h,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Bytes per second with a burst of one second's worth (at least one maximal piece).
+/// Bytes per second with a burst of one second's worth.
 #[derive(Debug)]
 pub struct RateLimiter {
     rate: Option<f64>,
@@ -17,7 +17,8 @@ impl RateLimiter {
     /// `bytes_per_sec == 0` means unlimited.
     pub fn new(bytes_per_sec: u64) -> Self {
         let rate = (bytes_per_sec > 0).then_some(bytes_per_sec as f64);
-        let burst = (bytes_per_sec as f64).max(crate::metainfo::MAX_PIECE_SIZE as f64);
+        // One second's worth, at least 64 KiB. Debt is allowed, so this need not cover a piece.
+        let burst = (bytes_per_sec as f64).max(64.0 * 1024.0);
         Self {
             rate,
             burst,

@@ -20,6 +20,10 @@ use super::api::{AnnounceRequest, AnnounceResponse, PublishRequest, ReportReques
 use super::state::{PublishError, State};
 use crate::digest::Digest;
 
+/// Peers announce blobs they have complete this many times less often than ones they are
+/// downloading.
+pub const COMPLETE_ANNOUNCE_FACTOR: u32 = 5;
+
 /// `[tracker]` config section.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -56,10 +60,14 @@ impl TrackerConfig {
         if self.max_backsourcers == 0 {
             return Err("tracker.max_backsourcers must be at least 1".into());
         }
-        if self.announce_interval_ms == 0 || self.peer_ttl_ms < 2 * self.announce_interval_ms {
-            return Err(
-                "tracker.peer_ttl_ms must be at least twice tracker.announce_interval_ms".into(),
-            );
+        // Peers that have a blob complete announce it every COMPLETE_ANNOUNCE_FACTOR intervals;
+        // they must not expire in between.
+        let min_ttl = (COMPLETE_ANNOUNCE_FACTOR as u64 + 1) * self.announce_interval_ms;
+        if self.announce_interval_ms == 0 || self.peer_ttl_ms < min_ttl {
+            return Err(format!(
+                "tracker.peer_ttl_ms must be at least {} x tracker.announce_interval_ms",
+                COMPLETE_ANNOUNCE_FACTOR + 1
+            ));
         }
         Ok(())
     }

@@ -7,7 +7,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,7 +18,7 @@ mod peers;
 mod pieces;
 mod upstream;
 
-use super::conn::{self, Conn, Transport};
+use super::conn::{self, Conn, PieceCounts, Transport};
 use super::scheduler::Scheduler;
 use super::{SwarmCtx, SwarmError};
 use crate::bitfield::Bitfield;
@@ -30,6 +29,7 @@ use crate::tracker::api::{
     AnnounceRequest, AnnounceResponse, BlobAnnounce, PublishRequest, ReportKind, ReportRequest,
 };
 use crate::tracker::client::TrackerError;
+use crate::tracker::server::COMPLETE_ANNOUNCE_FACTOR;
 use crate::upstream::BlobSource;
 use crate::wire::{Hello, Message, PeerId, UNKNOWN_SIZE};
 
@@ -44,6 +44,9 @@ const TICK: Duration = Duration::from_millis(200);
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(250);
 /// Bad pieces a peer may send before we hang up on it for good.
 const MAX_STRIKES: u32 = 2;
+/// A peer that cannot be reached is retried after 1, 2, 4, 8 and 16 s, then forgotten.
+const DIAL_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_DIAL_FAILURES: u32 = 5;
 
 /// What connections and helper tasks tell the torrent.
 #[derive(Debug)]
@@ -92,6 +95,8 @@ pub(super) enum Event {
         result: Result<PieceWrite, StoreError>,
     },
     Want(std::ops::Range<u64>),
+    /// The tracker has the hashes of these upstream pieces: tell peers.
+    Published(Vec<u32>),
 }
 
 /// The handle the rest of the node holds on a torrent.
@@ -101,6 +106,14 @@ pub(super) struct TorrentHandle {
     /// `Some(Ok)` once the blob's layout is known and it is in the store; `Err` if the
     /// torrent gave up.
     pub layout: watch::Receiver<Option<Result<(), String>>>,
+}
+
+/// A peer the tracker told us about, and how dialing it went.
+struct KnownPeer {
+    peer_id: PeerId,
+    /// Not dialed again before this.
+    retry_at: Instant,
+    failures: u32,
 }
 
 struct Peer {
@@ -127,12 +140,13 @@ pub(super) struct Torrent {
     /// The blob left the store (evicted or removed): stop announcing and end.
     gone: bool,
     sched: Option<Scheduler>,
-    avail: Arc<Vec<AtomicU16>>,
+    /// Per-piece availability among our peers and uploads in progress, shared with connections.
+    counts: Arc<PieceCounts>,
     peers: HashMap<u64, Peer>,
     next_conn: u64,
     dialing: HashSet<String>,
     /// Addresses from the tracker we may connect to.
-    known: HashMap<String, PeerId>,
+    known: HashMap<String, KnownPeer>,
     strikes: HashMap<PeerId, u32>,
     banned: HashSet<PeerId>,
     backsource: bool,
@@ -145,6 +159,9 @@ pub(super) struct Torrent {
     writing: HashSet<u32>,
     refreshing: bool,
     refresh_again: bool,
+    /// Upstream pieces stored but not yet published to the tracker (nor announced to peers).
+    unpublished: Vec<(u32, PieceHash)>,
+    publishing: bool,
     last_refresh: Option<Instant>,
     /// Pieces received with no known hash and no room to hold them: not requested again until
     /// the tracker publishes their hash.
@@ -172,7 +189,7 @@ impl Torrent {
             size: None,
             gone: false,
             sched: None,
-            avail: Arc::new(Vec::new()),
+            counts: Arc::new(PieceCounts::default()),
             peers: HashMap::new(),
             next_conn: 0,
             dialing: HashSet::new(),
@@ -189,6 +206,8 @@ impl Torrent {
             writing: HashSet::new(),
             refreshing: false,
             refresh_again: false,
+            unpublished: Vec::new(),
+            publishing: false,
             last_refresh: None,
             awaiting_hash: HashSet::new(),
             waiting_incoming: Vec::new(),
@@ -228,7 +247,7 @@ impl Torrent {
 
     fn set_blob(&mut self, blob: Blob) {
         let have = blob.have();
-        self.avail = Arc::new((0..have.len()).map(|_| AtomicU16::new(0)).collect());
+        self.counts = Arc::new(PieceCounts::new(have.len()));
         self.sched = Some(Scheduler::new(have));
         self.size = Some(blob.size());
         self.blob = (!blob.is_complete()).then_some(blob);
@@ -330,6 +349,15 @@ impl Torrent {
             } => self.establish(transport, hello, incoming, addr),
             Event::DialFailed { addr } => {
                 self.dialing.remove(&addr);
+                if let Some(k) = self.known.get_mut(&addr) {
+                    k.failures += 1;
+                    if k.failures > MAX_DIAL_FAILURES {
+                        // Gone for good, as far as we can tell; the tracker re-lists it if not.
+                        self.known.remove(&addr);
+                    } else {
+                        k.retry_at = Instant::now() + DIAL_BACKOFF * 2u32.pow(k.failures);
+                    }
+                }
             }
             Event::Bitfield { conn, bits } => self.on_bitfield(conn, &bits),
             Event::Have { conn, index } => {
@@ -337,7 +365,7 @@ impl Torrent {
                     && p.has.set(index)
                 {
                     s.peer_has(index);
-                    self.avail[index as usize].fetch_add(1, Ordering::Relaxed);
+                    self.counts.add_avail(index, 1);
                 }
             }
             Event::Piece { conn, index, data } => self.on_piece(conn, index, data),
@@ -390,6 +418,11 @@ impl Torrent {
                 data,
                 result,
             } => self.on_written(index, from, data, result),
+            Event::Published(pieces) => {
+                self.publishing = false;
+                self.announce_have(&pieces);
+                self.publish_hashes();
+            }
             Event::Want(range) => {
                 if let (Some(b), Some(s)) = (&self.blob, self.sched.as_mut()) {
                     s.prioritize(b.metainfo().pieces_for(range));
@@ -407,7 +440,7 @@ impl Torrent {
                 let interval = Duration::from_millis(resp.interval_ms.clamp(100, 60_000));
                 self.next_announce = now
                     + if self.complete() {
-                        interval * 5
+                        interval * COMPLETE_ANNOUNCE_FACTOR
                     } else {
                         interval
                     };
@@ -425,7 +458,11 @@ impl Torrent {
                 self.backsource = resp.backsource;
                 for p in resp.peers {
                     if p.peer_id != self.ctx.peer_id && !self.banned.contains(&p.peer_id) {
-                        self.known.insert(p.addr, p.peer_id);
+                        self.known.entry(p.addr).or_insert(KnownPeer {
+                            peer_id: p.peer_id,
+                            retry_at: now,
+                            failures: 0,
+                        });
                     }
                 }
             }

@@ -1,6 +1,8 @@
 //! The torrent's peers: handshakes, the one-connection-per-peer rule, bitfields, dialing,
 //! and handing each peer requests from the scheduler.
 
+use rand::seq::SliceRandom;
+
 use super::*;
 
 impl Torrent {
@@ -12,7 +14,13 @@ impl Torrent {
         addr: String,
     ) {
         self.dialing.remove(&addr);
-        if hello.digest != self.digest
+        if let Some(k) = self.known.get_mut(&addr) {
+            k.failures = 0;
+        }
+        // We dial at most `max_conns`; others may dial us too, but not without bound.
+        let full = incoming && self.peers.len() >= 2 * self.ctx.cfg.max_conns;
+        if full
+            || hello.digest != self.digest
             || hello.peer_id == self.ctx.peer_id
             || self.banned.contains(&hello.peer_id)
         {
@@ -86,7 +94,7 @@ impl Torrent {
             events: self.events_tx.clone(),
             outbox: rx,
             reply: tx.clone(),
-            avail: self.avail.clone(),
+            counts: self.counts.clone(),
             ctx: self.ctx.clone(),
             cancel: cancel.clone(),
         };
@@ -126,11 +134,11 @@ impl Torrent {
         };
         s.peer_removed(&peer.has);
         for i in peer.has.iter_ones() {
-            self.avail[i as usize].fetch_sub(1, Ordering::Relaxed);
+            self.counts.add_avail(i, -1);
         }
         s.peer_added(&has);
         for i in has.iter_ones() {
-            self.avail[i as usize].fetch_add(1, Ordering::Relaxed);
+            self.counts.add_avail(i, 1);
         }
         peer.has = has;
     }
@@ -145,7 +153,7 @@ impl Torrent {
         if let Some(s) = self.sched.as_mut() {
             s.peer_removed(&peer.has);
             for i in peer.has.iter_ones() {
-                self.avail[i as usize].fetch_sub(1, Ordering::Relaxed);
+                self.counts.add_avail(i, -1);
             }
             for i in peer.inflight.keys() {
                 s.request_done(*i);
@@ -158,13 +166,18 @@ impl Torrent {
             return;
         }
         let connected: HashSet<PeerId> = self.peers.values().map(|p| p.peer_id).collect();
-        let candidates: Vec<(String, PeerId)> = self
+        let now = Instant::now();
+        let candidates: Vec<String> = self
             .known
             .iter()
-            .filter(|(addr, id)| !connected.contains(id) && !self.dialing.contains(*addr))
-            .map(|(a, id)| (a.clone(), *id))
+            .filter(|(addr, k)| {
+                !connected.contains(&k.peer_id)
+                    && !self.dialing.contains(*addr)
+                    && k.retry_at <= now
+            })
+            .map(|(a, _)| a.clone())
             .collect();
-        for (addr, _) in candidates {
+        for addr in candidates {
             if self.peers.len() + self.dialing.len() >= self.ctx.cfg.max_conns {
                 break;
             }
@@ -193,7 +206,13 @@ impl Torrent {
         let Some(s) = self.sched.as_mut() else { return };
         let mut total: usize = self.peers.values().map(|p| p.inflight.len()).sum();
         let awaiting = &self.awaiting_hash;
-        for peer in self.peers.values_mut() {
+        // A different order each time, so the first peers in the map do not get every request.
+        let mut order: Vec<u64> = self.peers.keys().copied().collect();
+        order.shuffle(&mut rand::rng());
+        for id in order {
+            let Some(peer) = self.peers.get_mut(&id) else {
+                continue;
+            };
             while peer.inflight.len() < PER_PEER_INFLIGHT && total < self.ctx.cfg.max_inflight {
                 let Some(i) = s.pick_for_peer(&peer.has, |i| {
                     peer.inflight.contains_key(&i)

@@ -74,13 +74,19 @@ impl Torrent {
                     s.got(index);
                 }
                 for p in self.peers.values_mut() {
-                    let _ = p.tx.try_send(Message::Have(index));
                     if p.inflight.remove(&index).is_some() {
                         let _ = p.tx.try_send(Message::Cancel(index));
                         if let Some(s) = self.sched.as_mut() {
                             s.request_done(index);
                         }
                     }
+                }
+                if from.is_none() && self.ctx.tracker.is_some() {
+                    // From upstream: peers hear of it once its hash is published.
+                    self.unpublished.push((index, PieceHash::of(&data)));
+                    self.publish_hashes();
+                } else {
+                    self.announce_have(&[index]);
                 }
                 if self.complete() {
                     info!(digest = %self.digest, "blob complete and verified");
@@ -200,6 +206,43 @@ impl Torrent {
         if self.pending.is_empty() && self.awaiting_hash.is_empty() {
             self.refresh_again = false;
         }
+    }
+
+    /// Tells every peer we have these pieces.
+    pub(super) fn announce_have(&mut self, pieces: &[u32]) {
+        for p in self.peers.values() {
+            for &index in pieces {
+                let _ = p.tx.try_send(Message::Have(index));
+            }
+        }
+    }
+
+    /// Publishes the hashes of pieces fetched upstream, in batches, one request at a time; the
+    /// pieces are announced to peers when the tracker has their hashes (`Event::Published`).
+    /// The upstream fetches never wait for this.
+    pub(super) fn publish_hashes(&mut self) {
+        if self.publishing || self.unpublished.is_empty() {
+            return;
+        }
+        let Some(tracker) = self.ctx.tracker.clone() else {
+            return;
+        };
+        let Some(size) = self.size else { return };
+        self.publishing = true;
+        let pieces = std::mem::take(&mut self.unpublished);
+        let indices: Vec<u32> = pieces.iter().map(|(i, _)| *i).collect();
+        let req = PublishRequest {
+            peer_id: self.ctx.peer_id,
+            size,
+            pieces,
+        };
+        let (tx, digest) = (self.events_tx.clone(), self.digest);
+        self.ctx.tasks.spawn(async move {
+            if let Err(e) = tracker.publish(&digest, &req).await {
+                debug!(%digest, error = %e, "publishing piece hashes");
+            }
+            let _ = tx.send(Event::Published(indices)).await;
+        });
     }
 
     /// A peer that has the whole blob but whose tracker lacks its hashes (the blob arrived by

@@ -1,5 +1,5 @@
 //! Back-sourcing: fetching pieces from the upstream registry when this peer holds the lease
-//! (or the tracker is down), publishing each piece's hash before anyone can ask for it.
+//! (or the tracker is down). Hashes are published by `pieces.rs` once the pieces are stored.
 
 use super::*;
 
@@ -52,38 +52,13 @@ impl Torrent {
                 source.clone(),
             );
             self.ctx.tasks.spawn(async move {
-                let result =
-                    fetch_and_publish(&ctx, &source, digest, meta.size, index, range).await;
+                let result = ctx
+                    .upstream
+                    .fetch_range(&source, &digest, range)
+                    .await
+                    .map_err(|e| e.to_string());
                 let _ = tx.send(Event::Upstream { index, result }).await;
             });
         }
     }
-}
-
-/// Fetches one piece upstream and publishes its hash to the tracker before anyone can ask us
-/// for it, so peers that receive it can always verify it.
-async fn fetch_and_publish(
-    ctx: &SwarmCtx,
-    source: &BlobSource,
-    digest: Digest,
-    size: u64,
-    index: u32,
-    range: std::ops::Range<u64>,
-) -> Result<Bytes, String> {
-    let data = ctx
-        .upstream
-        .fetch_range(source, &digest, range)
-        .await
-        .map_err(|e| e.to_string())?;
-    if let Some(tracker) = &ctx.tracker {
-        let req = PublishRequest {
-            peer_id: ctx.peer_id,
-            size,
-            pieces: vec![(index, PieceHash::of(&data))],
-        };
-        if let Err(e) = tracker.publish(&digest, &req).await {
-            debug!(%digest, index, error = %e, "publishing piece hash");
-        }
-    }
-    Ok(data)
 }
