@@ -164,6 +164,14 @@ async fn a_blob_that_arrived_by_another_door_is_served_verified() -> anyhow::Res
     let mut buf = vec![0u8; blob.size() as usize];
     blob.read_at(0, &mut buf)?;
     assert_eq!(Digest::of(&buf), digest);
-    assert_eq!(second.metrics().bytes_from_peers.get(), data.len() as u64);
+    // The count is updated just after the bytes become readable.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while second.metrics().bytes_from_peers.get() != data.len() as u64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every byte came from the peer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(())
 }

@@ -10,7 +10,7 @@
 //! everyone), or when our queue is busy and another peer has it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,6 +90,9 @@ pub(super) struct PieceCounts {
     pub avail: Vec<AtomicU16>,
     /// How many of our connections have each piece queued or on the wire.
     pub uploading: Vec<AtomicU16>,
+    /// Set while this peer fetches the blob upstream: its uplink is the only way new pieces
+    /// enter the swarm, so it serves only pieces nobody else has.
+    pub backsourcing: AtomicBool,
 }
 
 impl PieceCounts {
@@ -98,6 +101,7 @@ impl PieceCounts {
         Self {
             avail: zeros(),
             uploading: zeros(),
+            backsourcing: AtomicBool::new(false),
         }
     }
 
@@ -163,7 +167,8 @@ impl Uploads {
         let queued = self.queue().len();
         let elsewhere = PieceCounts::get(&self.counts.avail, index) > 0;
         let sending = PieceCounts::get(&self.counts.uploading, index) > 0;
-        !have || (!elsewhere && sending) || (elsewhere && queued >= BUSY_QUEUE)
+        let source = self.counts.backsourcing.load(Ordering::Relaxed);
+        !have || (!elsewhere && sending) || (elsewhere && (source || queued >= BUSY_QUEUE))
     }
 }
 

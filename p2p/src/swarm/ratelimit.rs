@@ -68,7 +68,11 @@ mod tests {
         // A piece bigger than the burst still passes, in debt.
         let start = tokio::time::Instant::now();
         limiter.acquire(4 << 20).await;
-        assert!(start.elapsed() <= Duration::from_secs(5), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() <= Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
         RateLimiter::new(0).acquire(usize::MAX).await;
     }
 }

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use rand::Rng;
 
 use crate::bitfield::Bitfield;
+use crate::tracker::api::Stripe;
 
 /// Most outstanding requests for one piece during the endgame.
 const ENDGAME_DUPLICATES: u8 = 2;
@@ -130,16 +131,19 @@ impl Scheduler {
     }
 
     /// The next piece to fetch from upstream: one no connected peer has and nobody is fetching,
-    /// readers' pieces first, then in order (which is what a streaming reader wants next).
-    pub fn pick_for_upstream(&self) -> Option<u32> {
+    /// readers' pieces first, then in order from this back-sourcer's starting point (in order is
+    /// what a streaming reader wants next).
+    pub fn pick_for_upstream(&self, stripe: Stripe) -> Option<u32> {
         let eligible = |i: u32| {
             self.wanted(i) && self.requested[i as usize] == 0 && self.avail[i as usize] == 0
         };
+        let n = self.have.len();
+        let start = stripe.start(n);
         self.priority
             .iter()
             .copied()
             .find(|&i| eligible(i))
-            .or_else(|| (0..self.have.len()).find(|&i| eligible(i)))
+            .or_else(|| (start..n).chain(0..start).find(|&i| eligible(i)))
     }
 
     /// Among pieces passing `ok`, one of the least available, chosen uniformly among ties so
@@ -215,7 +219,11 @@ mod tests {
         assert_eq!(s.pick_for_peer(&Bitfield::full(10), |_| false), Some(7));
         s.got(7);
         assert_eq!(s.pick_for_peer(&Bitfield::full(10), |_| false), Some(8));
-        assert_eq!(s.pick_for_upstream(), None, "every piece is on a peer");
+        assert_eq!(
+            s.pick_for_upstream(Stripe::default()),
+            None,
+            "every piece is on a peer"
+        );
     }
 
     #[test]
@@ -237,10 +245,27 @@ mod tests {
     fn upstream_fetches_only_what_no_peer_has_in_order() {
         let mut s = Scheduler::new(Bitfield::new(4));
         s.peer_added(&bits(4, &[0, 2]));
-        assert_eq!(s.pick_for_upstream(), Some(1));
+        assert_eq!(s.pick_for_upstream(Stripe::default()), Some(1));
         s.requested(1);
-        assert_eq!(s.pick_for_upstream(), Some(3));
+        assert_eq!(s.pick_for_upstream(Stripe::default()), Some(3));
         s.set_pending(3, true);
-        assert_eq!(s.pick_for_upstream(), None);
+        assert_eq!(s.pick_for_upstream(Stripe::default()), None);
+    }
+
+    #[test]
+    fn back_sourcers_start_at_their_share_and_wrap_around() {
+        let mut s = Scheduler::new(Bitfield::new(6));
+        let second = Stripe { index: 1, count: 2 };
+        assert_eq!(s.pick_for_upstream(second), Some(3));
+        for i in 3..6 {
+            s.requested(i);
+        }
+        assert_eq!(s.pick_for_upstream(second), Some(0));
+        assert_eq!(s.pick_for_upstream(Stripe { index: 0, count: 2 }), Some(0));
+        assert_eq!(
+            Stripe { index: 5, count: 2 }.start(6),
+            0,
+            "nonsense stripes start at 0"
+        );
     }
 }

@@ -47,6 +47,35 @@ pub struct AnnounceResponse {
     pub metainfo: Option<Metainfo>,
     /// Whether this peer holds the back-source lease for the blob.
     pub backsource: bool,
+    /// Where a lease holder starts fetching: lease holder `index` of `count` starts
+    /// `index/count` of the way into the blob and goes on in order, wrapping around, skipping
+    /// pieces a peer already has. Several back-sourcers thus split the blob between them
+    /// instead of fetching the same pieces, and one alone fetches it all.
+    #[serde(default)]
+    pub stripe: Stripe,
+}
+
+/// One lease holder's place among the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stripe {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Default for Stripe {
+    fn default() -> Self {
+        Self { index: 0, count: 1 }
+    }
+}
+
+impl Stripe {
+    /// The piece this lease holder starts from, in a blob of `pieces` pieces.
+    pub fn start(&self, pieces: u32) -> u32 {
+        if self.count <= 1 || self.index >= self.count {
+            return 0;
+        }
+        (u64::from(pieces) * u64::from(self.index) / u64::from(self.count)) as u32
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

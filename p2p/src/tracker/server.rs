@@ -45,7 +45,7 @@ impl Default for TrackerConfig {
         Self {
             listen: "0.0.0.0:7070".into(),
             max_peers: 16,
-            max_backsourcers: 1,
+            max_backsourcers: 2,
             announce_interval_ms: 1000,
             peer_ttl_ms: 15_000,
         }

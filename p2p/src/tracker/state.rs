@@ -8,7 +8,7 @@ use rand::seq::SliceRandom;
 use tracing::{info, warn};
 
 use super::api::{
-    AnnounceRequest, AnnounceResponse, PeerInfo, PublishRequest, ReportKind, ReportRequest,
+    AnnounceRequest, AnnounceResponse, PeerInfo, PublishRequest, ReportKind, ReportRequest, Stripe,
 };
 use super::server::TrackerConfig;
 use crate::digest::Digest;
@@ -29,12 +29,18 @@ struct Member {
     last_seen: Instant,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    granted: Instant,
+    until: Instant,
+}
+
 #[derive(Debug, Default)]
 struct Swarm {
     members: HashMap<PeerId, Member>,
     meta: Option<Metainfo>,
-    /// Back-source leases and when they lapse.
-    leases: HashMap<PeerId, Instant>,
+    /// Back-source leases.
+    leases: HashMap<PeerId, Lease>,
     source: Option<BlobSource>,
 }
 
@@ -105,11 +111,13 @@ impl State {
                 peers: Vec::new(),
                 metainfo: None,
                 backsource: false,
+                stripe: Stripe::default(),
             };
         };
         let seed = self.seed_for(&blob.digest);
         let lease_ttl = self.ttl();
         let max_backsourcers = self.cfg.max_backsourcers;
+        let settle = Duration::from_millis(2 * self.cfg.announce_interval_ms);
         let swarm = self.swarms.entry(blob.digest).or_default();
         swarm.members.insert(
             req.peer_id,
@@ -132,25 +140,54 @@ impl State {
             _ => {}
         }
 
-        swarm.leases.retain(|_, until| *until > now);
+        swarm.leases.retain(|_, l| l.until > now);
         let someone_complete = swarm
             .members
             .iter()
             .any(|(id, m)| m.complete && *id != req.peer_id);
-        let backsource = if blob.complete || someone_complete {
-            swarm.leases.remove(&req.peer_id);
-            false
-        } else {
-            let may = match seed {
-                Some(seed) => seed == req.peer_id,
-                None => {
-                    swarm.leases.contains_key(&req.peer_id) || swarm.leases.len() < max_backsourcers
+        let backsource =
+            if blob.complete || someone_complete {
+                swarm.leases.remove(&req.peer_id);
+                false
+            } else {
+                let may = match seed {
+                    Some(seed) => seed == req.peer_id,
+                    // A second back-sourcer only joins one that has been at it a while: by then the
+                    // first is in every peer list, so the two see each other's pieces and split the
+                    // blob instead of both fetching it whole.
+                    None => {
+                        swarm.leases.contains_key(&req.peer_id)
+                            || (swarm.leases.len() < max_backsourcers
+                                && swarm.leases.values().all(|l| now >= l.granted + settle))
+                    }
+                };
+                if may {
+                    let lease = swarm.leases.entry(req.peer_id).or_insert_with(|| {
+                    info!(digest = %blob.digest, peer = %req.peer_id, "back-source lease granted");
+                    Lease { granted: now, until: now }
+                });
+                    lease.until = now + lease_ttl;
                 }
+                may
             };
-            if may && swarm.leases.insert(req.peer_id, now + lease_ttl).is_none() {
-                info!(digest = %blob.digest, peer = %req.peer_id, "back-source lease granted");
+        // Lease holders split the pieces between them, in peer-id order.
+        let stripe = if backsource {
+            let mut holders: Vec<(Instant, PeerId)> = swarm
+                .leases
+                .iter()
+                .map(|(id, l)| (l.granted, *id))
+                .collect();
+            holders.sort();
+            let index = holders
+                .iter()
+                .position(|(_, h)| *h == req.peer_id)
+                .unwrap_or(0);
+            Stripe {
+                index: index as u32,
+                count: holders.len() as u32,
             }
-            may
+        } else {
+            Stripe::default()
         };
 
         let mut complete = Vec::new();
@@ -196,6 +233,7 @@ impl State {
             peers,
             metainfo: swarm.meta.clone(),
             backsource,
+            stripe,
         }
     }
 
@@ -215,7 +253,7 @@ impl State {
         let leased = swarm
             .leases
             .get(&req.peer_id)
-            .is_some_and(|until| *until > now);
+            .is_some_and(|l| l.until > now);
         let complete = swarm.members.get(&req.peer_id).is_some_and(|m| m.complete);
         if !leased && !complete {
             return Err(PublishError::NoLease {
@@ -399,5 +437,27 @@ mod tests {
         assert_eq!(st.publish(digest, req, now)?, 5);
         assert!(st.metainfo(&digest).is_some_and(|m| m.is_complete()));
         Ok(())
+    }
+
+    #[test]
+    fn two_back_sourcers_split_the_blob() {
+        let mut st = State::new(TrackerConfig {
+            max_backsourcers: 2,
+            ..cfg()
+        });
+        let now = Instant::now();
+        let a = announce(&mut st, id(1), false, false, now);
+        assert!(a.backsource);
+        assert_eq!(a.stripe, Stripe::default(), "alone, it fetches everything");
+        // Not while the first has only just started: they would not yet know each other.
+        assert!(!announce(&mut st, id(2), false, false, now).backsource);
+        let later = now + Duration::from_millis(2 * st.cfg.announce_interval_ms);
+        announce(&mut st, id(1), false, false, later);
+        let b = announce(&mut st, id(2), false, false, later);
+        assert!(b.backsource);
+        assert_eq!(b.stripe, Stripe { index: 1, count: 2 });
+        let a = announce(&mut st, id(1), false, false, later);
+        assert_eq!(a.stripe, Stripe { index: 0, count: 2 });
+        assert!(!announce(&mut st, id(3), false, false, later).backsource);
     }
 }

@@ -27,6 +27,7 @@ use crate::metainfo::{Metainfo, PieceHash};
 use crate::store::{Blob, PieceWrite, StoreError};
 use crate::tracker::api::{
     AnnounceRequest, AnnounceResponse, BlobAnnounce, PublishRequest, ReportKind, ReportRequest,
+    Stripe,
 };
 use crate::tracker::client::TrackerError;
 use crate::tracker::server::COMPLETE_ANNOUNCE_FACTOR;
@@ -150,6 +151,8 @@ pub(super) struct Torrent {
     strikes: HashMap<PeerId, u32>,
     banned: HashSet<PeerId>,
     backsource: bool,
+    /// This peer's share of the pieces while it back-sources.
+    stripe: Stripe,
     tracker_down: bool,
     next_announce: Instant,
     announcing: bool,
@@ -197,6 +200,7 @@ impl Torrent {
             strikes: HashMap::new(),
             banned: HashSet::new(),
             backsource: false,
+            stripe: Stripe::default(),
             tracker_down: ctx.tracker.is_none(),
             next_announce: Instant::now(),
             announcing: false,
@@ -456,6 +460,7 @@ impl Torrent {
                     self.publish_all_hashes();
                 }
                 self.backsource = resp.backsource;
+                self.stripe = resp.stripe;
                 for p in resp.peers {
                     if p.peer_id != self.ctx.peer_id && !self.banned.contains(&p.peer_id) {
                         self.known.entry(p.addr).or_insert(KnownPeer {

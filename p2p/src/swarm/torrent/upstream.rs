@@ -29,7 +29,11 @@ impl Torrent {
     }
 
     pub(super) fn fetch_upstream(&mut self) {
-        if !self.may_backsource() {
+        let active = self.may_backsource() && !self.complete();
+        self.counts
+            .backsourcing
+            .store(active, std::sync::atomic::Ordering::Relaxed);
+        if !active {
             return;
         }
         let (Some(s), Some(blob), Some(source)) =
@@ -38,7 +42,13 @@ impl Torrent {
             return;
         };
         while self.upstream_inflight < self.ctx.cfg.upstream_concurrency {
-            let Some(index) = s.pick_for_upstream() else {
+            // Without a tracker there is nobody to split the blob with.
+            let stripe = if self.backsource {
+                self.stripe
+            } else {
+                Stripe::default()
+            };
+            let Some(index) = s.pick_for_upstream(stripe) else {
                 break;
             };
             s.requested(index);
