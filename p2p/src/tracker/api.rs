@@ -84,6 +84,10 @@ pub struct PeerInfo {
     pub addr: String,
     pub complete: bool,
     pub seed: bool,
+    /// It holds a back-source lease: new pieces enter the swarm through it, so every peer
+    /// (and every other back-sourcer) should be connected to it.
+    #[serde(default)]
+    pub backsource: bool,
 }
 
 /// A lease holder publishes hashes of pieces it fetched upstream.

@@ -192,6 +192,7 @@ impl State {
 
         let mut complete = Vec::new();
         let mut partial = Vec::new();
+        let mut sources = Vec::new();
         for (id, m) in &swarm.members {
             if *id == req.peer_id {
                 continue;
@@ -204,8 +205,11 @@ impl State {
                 addr: p.addr.clone(),
                 complete: m.complete,
                 seed: p.seed,
+                backsource: swarm.leases.contains_key(id),
             };
-            if m.complete {
+            if info.backsource {
+                sources.push(info)
+            } else if m.complete {
                 complete.push(info)
             } else {
                 partial.push(info)
@@ -216,6 +220,8 @@ impl State {
         partial.shuffle(&mut rng);
         let mut peers: Vec<PeerInfo> = complete.into_iter().chain(partial).collect();
         peers.truncate(self.cfg.max_peers);
+        // Back-sourcers are always offered, beyond the bound: there are at most a few.
+        peers.extend(sources);
         // The responsible seed is always offered: it has the blob or will fetch it when asked.
         if let Some(seed) =
             seed.filter(|s| *s != req.peer_id && !peers.iter().any(|p| p.peer_id == *s))
@@ -226,6 +232,7 @@ impl State {
                 addr: p.addr.clone(),
                 complete: false,
                 seed: true,
+                backsource: true,
             });
         }
         AnnounceResponse {

@@ -112,6 +112,8 @@ pub(super) struct TorrentHandle {
 /// A peer the tracker told us about, and how dialing it went.
 struct KnownPeer {
     peer_id: PeerId,
+    /// A back-sourcer or seed: dialed first, even beyond `max_conns`.
+    source: bool,
     /// Not dialed again before this.
     retry_at: Instant,
     failures: u32,
@@ -463,11 +465,15 @@ impl Torrent {
                 self.stripe = resp.stripe;
                 for p in resp.peers {
                     if p.peer_id != self.ctx.peer_id && !self.banned.contains(&p.peer_id) {
-                        self.known.entry(p.addr).or_insert(KnownPeer {
-                            peer_id: p.peer_id,
-                            retry_at: now,
-                            failures: 0,
-                        });
+                        self.known
+                            .entry(p.addr)
+                            .or_insert(KnownPeer {
+                                peer_id: p.peer_id,
+                                source: false,
+                                retry_at: now,
+                                failures: 0,
+                            })
+                            .source = p.backsource || p.seed;
                     }
                 }
             }

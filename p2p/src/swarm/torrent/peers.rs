@@ -167,7 +167,7 @@ impl Torrent {
         }
         let connected: HashSet<PeerId> = self.peers.values().map(|p| p.peer_id).collect();
         let now = Instant::now();
-        let candidates: Vec<String> = self
+        let mut candidates: Vec<(bool, String)> = self
             .known
             .iter()
             .filter(|(addr, k)| {
@@ -175,10 +175,12 @@ impl Torrent {
                     && !self.dialing.contains(*addr)
                     && k.retry_at <= now
             })
-            .map(|(a, _)| a.clone())
+            .map(|(a, k)| (k.source, a.clone()))
             .collect();
-        for addr in candidates {
-            if self.peers.len() + self.dialing.len() >= self.ctx.cfg.max_conns {
+        // Sources first; they are dialed even when we are otherwise at our connection limit.
+        candidates.sort_by_key(|(source, _)| !*source);
+        for (source, addr) in candidates {
+            if !source && self.peers.len() + self.dialing.len() >= self.ctx.cfg.max_conns {
                 break;
             }
             self.dialing.insert(addr.clone());
