@@ -138,12 +138,20 @@ impl Scheduler {
             self.wanted(i) && self.requested[i as usize] == 0 && self.avail[i as usize] == 0
         };
         let n = self.have.len();
-        let start = stripe.start(n);
+        let (start, end) = (stripe.start(n), stripe.end(n));
         self.priority
             .iter()
             .copied()
             .find(|&i| eligible(i))
-            .or_else(|| (start..n).chain(0..start).find(|&i| eligible(i)))
+            // Own share forward, then the rest backward from the end: another back-sourcer going
+            // forward through its share meets us in the middle of what is left, instead of
+            // both fetching the same pieces side by side.
+            .or_else(|| {
+                (start..end)
+                    .chain((end..n).rev())
+                    .chain((0..start).rev())
+                    .find(|&i| eligible(i))
+            })
     }
 
     /// Among pieces passing `ok`, one of the least available, chosen uniformly among ties so
@@ -255,13 +263,18 @@ mod tests {
     #[test]
     fn back_sourcers_start_at_their_share_and_wrap_around() {
         let mut s = Scheduler::new(Bitfield::new(6));
-        let second = Stripe { index: 1, count: 2 };
+        let (first, second) = (Stripe { index: 0, count: 2 }, Stripe { index: 1, count: 2 });
         assert_eq!(s.pick_for_upstream(second), Some(3));
+        assert_eq!(s.pick_for_upstream(first), Some(0));
+        for i in 0..3 {
+            s.requested(i);
+        }
+        // Done with its share, the first comes down from the end to meet the second.
+        assert_eq!(s.pick_for_upstream(first), Some(5));
         for i in 3..6 {
             s.requested(i);
         }
-        assert_eq!(s.pick_for_upstream(second), Some(0));
-        assert_eq!(s.pick_for_upstream(Stripe { index: 0, count: 2 }), Some(0));
+        assert_eq!(s.pick_for_upstream(second), None);
         assert_eq!(
             Stripe { index: 5, count: 2 }.start(6),
             0,

@@ -47,10 +47,9 @@ pub struct AnnounceResponse {
     pub metainfo: Option<Metainfo>,
     /// Whether this peer holds the back-source lease for the blob.
     pub backsource: bool,
-    /// Where a lease holder starts fetching: lease holder `index` of `count` starts
-    /// `index/count` of the way into the blob and goes on in order, wrapping around, skipping
-    /// pieces a peer already has. Several back-sourcers thus split the blob between them
-    /// instead of fetching the same pieces, and one alone fetches it all.
+    /// A lease holder's share: holder `index` of `count` fetches the `index`-th of `count`
+    /// equal slices first, then whatever no peer has yet. Several back-sourcers thus split the
+    /// blob between them instead of fetching the same pieces, and one alone fetches it all.
     #[serde(default)]
     pub stripe: Stripe,
 }
@@ -75,6 +74,14 @@ impl Stripe {
             return 0;
         }
         (u64::from(pieces) * u64::from(self.index) / u64::from(self.count)) as u32
+    }
+
+    /// Where this lease holder's own share ends (exclusive).
+    pub fn end(&self, pieces: u32) -> u32 {
+        if self.count <= 1 || self.index >= self.count {
+            return pieces;
+        }
+        (u64::from(pieces) * u64::from(self.index + 1) / u64::from(self.count)) as u32
     }
 }
 

@@ -387,7 +387,13 @@ mod tests {
             announce(&mut st, id(n), false, n == 6, now);
         }
         let resp = announce(&mut st, id(7), false, false, now);
-        assert_eq!(resp.peers.len(), 3);
+        // Three, plus the back-sourcer (the first announcer), who is always listed.
+        assert_eq!(resp.peers.iter().filter(|p| !p.backsource).count(), 3);
+        assert!(
+            resp.peers
+                .iter()
+                .any(|p| p.peer_id == id(1) && p.backsource)
+        );
         assert_eq!(resp.peers[0].peer_id, id(6));
         assert!(resp.peers.iter().all(|p| p.peer_id != id(7)));
         let later = now + Duration::from_millis(st.cfg.peer_ttl_ms + 1);
