@@ -156,6 +156,7 @@ pub(super) struct Torrent {
     /// This peer's share of the pieces while it back-sources.
     stripe: Stripe,
     tracker_down: bool,
+    started: Instant,
     next_announce: Instant,
     announcing: bool,
     size_query: bool,
@@ -205,6 +206,7 @@ impl Torrent {
             stripe: Stripe::default(),
             tracker_down: ctx.tracker.is_none(),
             next_announce: Instant::now(),
+            started: Instant::now(),
             announcing: false,
             size_query: false,
             upstream_inflight: 0,
@@ -292,6 +294,18 @@ impl Torrent {
     fn on_tick(&mut self) {
         let now = Instant::now();
         if self.complete() && self.ctx.store.get(&self.digest).is_none() {
+            self.gone = true;
+            return;
+        }
+        // Nobody (peer, tracker or upstream) could say what this blob is: stop asking. Asking
+        // about unknown digests (containerd's Info with remote content) must not leave a torrent
+        // behind each time.
+        let give_up = Duration::from_millis(self.ctx.cfg.layout_timeout_ms) * 3;
+        if self.size.is_none() && now.duration_since(self.started) > give_up {
+            self.fail(format!(
+                "no peer, tracker or upstream knew {} for {give_up:?}",
+                self.digest
+            ));
             self.gone = true;
             return;
         }
