@@ -130,8 +130,9 @@ impl Node {
         wait_for_listener(&mut child, opts.netns.as_deref(), &mirror)
             .with_context(|| format!("waiting for {name}'s mirror"))?;
         if !opts.seed {
+            // Connect, not just look: a killed predecessor leaves its socket file behind.
             crate::proc::wait_until(START_TIMEOUT, &format!("{name}'s socket"), || {
-                Ok(socket.exists())
+                Ok(std::os::unix::net::UnixStream::connect(&socket).is_ok())
             })?;
         }
         Ok(Self {
