@@ -309,19 +309,25 @@ async fn write_loop(
             () = cancel.cancelled() => break,
             m = outbox.recv() => match m { Some(m) => (m, None), None => break },
             () = uploads.ready.notified(), if uploads.queue().is_empty() => continue,
-            Some(index) = async { uploads.pop() } => match read_piece(&blob, index).await {
-                Some(data) => {
-                    ctx.egress.acquire(data.len()).await;
-                    ctx.metrics.bytes_to_peers.inc_by(data.len() as u64);
-                    ctx.metrics.pieces_served.inc();
-                    let data = if ctx.cfg.corrupt_uploads { corrupt(data) } else { data };
-                    (Message::Piece { index, data }, Some(index))
-                }
-                None => (Message::Reject(index), Some(index)),
-            },
+            Some(index) = async { uploads.pop() } => {
+                // A node-wide cap on pieces being sent bounds upload memory whatever the number
+                // of connections, and keeps each upload fast rather than many slow.
+                let slot = ctx.upload_slots.clone().acquire_owned().await.ok();
+                let msg = match read_piece(&blob, index).await {
+                    Some(data) => {
+                        ctx.egress.acquire(data.len()).await;
+                        ctx.metrics.bytes_to_peers.inc_by(data.len() as u64);
+                        ctx.metrics.pieces_served.inc();
+                        let data = if ctx.cfg.corrupt_uploads { corrupt(data) } else { data };
+                        Message::Piece { index, data }
+                    }
+                    None => Message::Reject(index),
+                };
+                (msg, Some((index, slot)))
+            }
         };
         let sent = sink.send(msg).await;
-        if let Some(index) = uploaded {
+        if let Some((index, _slot)) = uploaded {
             uploads.done(index);
         }
         if sent.is_err() {

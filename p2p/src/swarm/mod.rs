@@ -55,6 +55,8 @@ pub struct P2pConfig {
     pub max_inflight: usize,
     /// Parallel range requests to upstream per blob, when back-sourcing.
     pub upstream_concurrency: usize,
+    /// Pieces being sent to peers at once, over all connections (bounds upload memory).
+    pub max_uploads: usize,
     /// Ingress and egress caps in Mbit/s; 0 means unlimited.
     pub ingress_mbit: u64,
     pub egress_mbit: u64,
@@ -78,6 +80,7 @@ impl Default for P2pConfig {
             max_conns: 12,
             max_inflight: 24,
             upstream_concurrency: 8,
+            max_uploads: 6,
             ingress_mbit: 0,
             egress_mbit: 0,
             fallback_to_upstream: true,
@@ -90,9 +93,13 @@ impl Default for P2pConfig {
 
 impl P2pConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.max_conns == 0 || self.max_inflight == 0 || self.upstream_concurrency == 0 {
+        if self.max_conns == 0
+            || self.max_inflight == 0
+            || self.upstream_concurrency == 0
+            || self.max_uploads == 0
+        {
             return Err(
-                "p2p.max_conns, p2p.max_inflight and p2p.upstream_concurrency must be at least 1"
+                "p2p.max_conns, p2p.max_inflight, p2p.upstream_concurrency and p2p.max_uploads must be at least 1"
                     .into(),
             );
         }
@@ -135,6 +142,8 @@ pub(crate) struct SwarmCtx {
     metrics: SwarmMetrics,
     ingress: RateLimiter,
     egress: RateLimiter,
+    /// Pieces being sent at once, across all connections (`p2p.max_uploads`).
+    upload_slots: Arc<tokio::sync::Semaphore>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -168,6 +177,7 @@ impl Swarm {
             tracker: cfg.tracker.as_deref().map(TrackerClient::new),
             ingress: RateLimiter::new(mbit(cfg.ingress_mbit)),
             egress: RateLimiter::new(mbit(cfg.egress_mbit)),
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_uploads)),
             cfg,
             store,
             upstream,
