@@ -212,7 +212,7 @@ http:
 
 /// Picks the "response completed" lines out of the registry's log; anything else (startup
 /// messages, the harness' `==>` lines, a partly written last line) is skipped.
-fn parse_log(log: &str) -> Vec<LoggedRequest> {
+pub(crate) fn parse_log(log: &str) -> Vec<LoggedRequest> {
     log.lines()
         .filter(|line| line.starts_with('{'))
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())

@@ -12,12 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
 
 use super::Host;
 use crate::http;
 use crate::proc::{self, Child};
-use crate::registry::LoggedRequest;
+use crate::registry::{LoggedRequest, parse_log};
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const LOG_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -123,25 +122,4 @@ http:
   secret: shoal-bench
 "
     )
-}
-
-/// The "response completed" lines of the log; the same reading as [`crate::Registry`]'s.
-fn parse_log(log: &str) -> Vec<LoggedRequest> {
-    log.lines()
-        .filter(|line| line.starts_with('{'))
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|v| {
-            v["msg"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("response completed"))
-        })
-        .filter_map(|v| {
-            Some(LoggedRequest {
-                method: v["http.request.method"].as_str()?.to_owned(),
-                uri: v["http.request.uri"].as_str()?.to_owned(),
-                status: u16::try_from(v["http.response.status"].as_u64()?).ok()?,
-                written: v["http.response.written"].as_u64().unwrap_or(0),
-            })
-        })
-        .collect()
 }

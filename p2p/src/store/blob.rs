@@ -139,15 +139,7 @@ impl Entry {
             )));
         }
         let data_path = dir.join("data");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&data_path)
-            .map_err(StoreError::io("opening", &data_path))?;
-        let len = file
-            .metadata()
-            .map_err(StoreError::io("reading", &data_path))?
-            .len();
+        let (file, len) = open_existing(&data_path)?;
         if len != meta.size {
             return Err(StoreError::Corrupt(format!(
                 "{} is {len} bytes, expected {}",
@@ -182,15 +174,7 @@ impl Entry {
 
     pub(super) fn load_complete(root: &Path, digest: Digest) -> Result<Self> {
         let path = complete_path(root, &digest);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(StoreError::io("opening", &path))?;
-        let size = file
-            .metadata()
-            .map_err(StoreError::io("reading", &path))?
-            .len();
+        let (file, size) = open_existing(&path)?;
         let meta = match fs::read(meta_path(root, &digest)) {
             Ok(json) => serde_json::from_slice::<Metainfo>(&json).ok().filter(|m| {
                 m.validate().is_ok() && m.digest == digest && m.size == size && m.is_complete()
@@ -309,6 +293,20 @@ fn open_journal(path: &Path) -> Result<File> {
         .map_err(StoreError::io("opening", path))
 }
 
+/// Opens an existing data file for reading and writing, with its length.
+fn open_existing(path: &Path) -> Result<(File, u64)> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(StoreError::io("opening", path))?;
+    let len = file
+        .metadata()
+        .map_err(StoreError::io("reading", path))?
+        .len();
+    Ok((file, len))
+}
+
 /// Hashes a whole file, piece by piece and as a whole, checking it against `digest`.
 fn hash_file(file: &File, digest: Digest, size: u64, path: &Path) -> Result<Metainfo> {
     let meta = hash_pieces(file, size, path)?;
@@ -343,15 +341,7 @@ impl Entry {
     /// Takes a finished file (an ingest) into the store as a complete blob, without copying:
     /// hashes it, checks it against `expected` if given, and renames it into `blobs/`.
     pub(super) fn adopt(root: &Path, path: &Path, expected: Option<Digest>) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(StoreError::io("opening", path))?;
-        let size = file
-            .metadata()
-            .map_err(StoreError::io("reading", path))?
-            .len();
+        let (file, size) = open_existing(path)?;
         let meta = hash_pieces(&file, size, path)?;
         if let Some(expected) = expected.filter(|e| *e != meta.digest) {
             return Err(StoreError::DigestMismatch {
