@@ -13,17 +13,24 @@
 //!    between the two containerds so that drift on the machine hits both alike. Each operation's
 //!    latency is taken at the client; a warm-up chain per snapshotter is not counted. The
 //!    snapshots are removed afterwards and the lease is deleted with a synchronous garbage
-//!    collection, which removes them from the backends too (checked on Shoal's socket).
+//!    collection, which removes them from the backends too (checked on Shoal's socket and in
+//!    both snapshot directories).
 //! 2. **Content**: a seeded random blob of `--blob-mib` MiB is written into each content store
-//!    through containerd's `Write` (STAT, 1 MiB WRITEs, COMMIT), the page cache is flushed to
-//!    disk (`sync`) and the blob is read once, untimed, from each store, which checks its digest
-//!    and leaves it in the page cache. Then `--reads` timed reads of the whole blob through
+//!    through containerd's `Write` (STAT, 1 MiB WRITEs, COMMIT), dirty pages are written back
+//!    (`sync`) and the blob is read once, untimed, from each store, which checks its digest and
+//!    leaves it in the page cache. Then `--reads` timed reads of the whole blob through
 //!    containerd's `Read` alternate between the stores; the median throughput is reported.
-//!    As diagnostics it also reads Shoal's socket directly, once as one stream and once as
-//!    containerd's proxy does (one `Read` call per 1 MiB), and both blob files from disk.
+//!    As diagnostics it also reads Shoal's socket directly, as one stream and in the calls
+//!    containerd's proxy makes (one `Read` per 1 MiB when serving `Read`, one per 32 KiB when
+//!    unpacking a layer), and both blob files through the page cache.
+//!
+//! The machine's load average is recorded before and after: on a small machine anything else
+//! running skews both sides, the ratios less than the absolute figures.
+
+mod report;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -38,7 +45,6 @@ use containerd_client::services::v1::{
     CreateRequest, DeleteContentRequest, DeleteRequest, ReadContentRequest, WriteAction,
     WriteContentRequest,
 };
-use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 use shoal_integration::shoal::{Node, NodeOptions};
 use shoal_integration::{Containerd, caps, random_bytes};
@@ -47,13 +53,15 @@ use tonic::Request;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
+use self::report::{Machine, Ops, Report, load_average};
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Snapshots made (Prepare + Mounts + Commit) in each snapshotter.
     #[arg(long, default_value_t = 1000)]
     snapshots: usize,
     /// Layers per image: snapshots are made in parent chains this long, as containerd unpacks
-    /// an image's layers (overlay cannot mount much more than 100 lower dirs in practice).
+    /// an image's layers (each `Prepare` and `Mounts` walks the chain in both snapshotters).
     #[arg(long, default_value_t = 10)]
     chain_depth: usize,
     /// Size of the blob read from each content store, in MiB.
@@ -65,15 +73,21 @@ pub struct Args {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
+    /// Also write the JSON object to this file.
+    #[arg(long, value_name = "PATH")]
+    json_file: Option<PathBuf>,
 }
 
 /// containerd namespace and lease every request of the benchmark uses.
 const NAMESPACE: &str = "shoal-bench";
 const LEASE: &str = "shoal-bench";
 /// Seed of the blob's bytes: the same blob every run.
-const BLOB_SEED: u64 = 0x5_4f41_4c;
+const BLOB_SEED: u64 = 0x054f_414c;
 /// containerd's proxy writer and its own `Read` both move content in 1 MiB messages.
 const CHUNK: usize = 1 << 20;
+/// containerd's diff applier reads a layer through a 32 KiB `bufio.Reader`
+/// (`archive/compression`): one proxy `Read` call per 32 KiB.
+const UNPACK_READ: usize = 32 << 10;
 const SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
 /// Linux reports process CPU times in these ticks per second (USER_HZ).
 const USER_HZ: f64 = 100.0;
@@ -90,7 +104,15 @@ pub fn run(args: Args) -> Result<()> {
         args.blob_mib > 0 && args.reads > 0,
         "--blob-mib and --reads must be above 0"
     );
-    // Declared first, dropped last: after the daemons that live in it are stopped.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Watched from now on, so that an interrupt during start-up also ends in a clean stop.
+    let signals = {
+        let _rt = rt.enter();
+        Signals::new()?
+    };
+    // Declared before the daemons that live in it, so dropped after they are stopped.
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     progress(&args, "starting shoal node and two private containerd 1.6");
@@ -102,21 +124,22 @@ pub fn run(args: Args) -> Result<()> {
         containerd_shoal: containerd_pid(&with_shoal)?,
         containerd_builtin: containerd_pid(&builtin)?,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let report = rt.block_on(async {
         tokio::select! {
             report = bench(&args, &node, &with_shoal, &builtin, &daemons) => report,
-            signal = interrupted() => signal.and_then(|()| bail!("interrupted")),
+            () = signals.recv() => Err(anyhow::anyhow!("interrupted")),
         }
     });
     drop(rt);
     // Stopped in this order whatever happened: containerds first, then the node they use.
     drop((builtin, with_shoal, node));
     let report = report?;
+    let json = serde_json::to_string_pretty(&report.to_json())?;
+    if let Some(path) = &args.json_file {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+        println!("{json}");
     } else {
         report.print();
     }
@@ -142,7 +165,7 @@ async fn bench(
 ) -> Result<Report> {
     let shoal = Side::connect("shoal", "shoal", with_shoal.address()).await?;
     let overlay = Side::connect("built-in", "overlayfs", builtin.address()).await?;
-    let machine = Machine::probe()?;
+    let mut machine = Machine::probe()?;
 
     progress(args, "snapshots: Prepare + Mounts + Commit");
     let mut snaps = [Ops::default(), Ops::default()];
@@ -154,7 +177,9 @@ async fn bench(
     }
     let (cpu_shoal, cpu_builtin) = (daemons.shoal_cpu()?, daemons.builtin_cpu()?);
     for chain in 0..args.snapshots.div_ceil(args.chain_depth) {
-        let depth = args.chain_depth.min(args.snapshots - chain * args.chain_depth);
+        let depth = args
+            .chain_depth
+            .min(args.snapshots - chain * args.chain_depth);
         for (side, ops) in [&shoal, &overlay].into_iter().zip(&mut snaps) {
             let names = side.chain(&chain.to_string(), depth, Some(ops)).await?;
             ops.names.extend(names);
@@ -168,7 +193,10 @@ async fn bench(
         side.remove_snapshots(&ops.names).await?;
     }
 
-    progress(args, &format!("content: writing a {} MiB blob", args.blob_mib));
+    progress(
+        args,
+        &format!("content: writing a {} MiB blob", args.blob_mib),
+    );
     let data = random_bytes(BLOB_SEED, args.blob_mib << 20);
     let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
     let mut writes = Vec::new();
@@ -180,11 +208,17 @@ async fn bench(
     // Dirty pages are written back now rather than during the timed reads.
     let synced = std::process::Command::new("sync").status()?;
     ensure!(synced.success(), "sync failed: {synced}");
-    progress(args, "content: one warm-up read per store (checks the digest)");
+    progress(
+        args,
+        "content: one warm-up read per store (checks the digest)",
+    );
     for side in [&shoal, &overlay] {
         side.read_blob(&digest, size, true).await?;
     }
-    progress(args, &format!("content: {} timed reads per store", args.reads));
+    progress(
+        args,
+        &format!("content: {} timed reads per store", args.reads),
+    );
     let mut reads = [Vec::new(), Vec::new()];
     let (cpu_shoal, cpu_builtin) = (daemons.shoal_cpu()?, daemons.builtin_cpu()?);
     for _ in 0..args.reads {
@@ -197,7 +231,10 @@ async fn bench(
         since(daemons.builtin_cpu()?, cpu_builtin),
     ];
 
-    progress(args, "content: diagnostics (Shoal's socket directly, blob files)");
+    progress(
+        args,
+        "content: diagnostics (Shoal's socket directly, blob files)",
+    );
     let direct = Side::direct(&node.socket).await?;
     let blob_file = |root: &Path| root.join(digest.trim_start_matches("sha256:"));
     let diagnostics = vec![
@@ -206,8 +243,12 @@ async fn bench(
             direct.read_blob(&digest, size, false).await?,
         ),
         (
-            "shoal socket, one Read per MiB (as containerd's proxy)",
-            direct.read_in_calls(&digest, size).await?,
+            "shoal socket, one Read per MiB (containerd's Read service)",
+            direct.read_in_calls(&digest, size, CHUNK).await?,
+        ),
+        (
+            "shoal socket, one Read per 32 KiB (containerd's unpack)",
+            direct.read_in_calls(&digest, size, UNPACK_READ).await?,
         ),
         (
             "shoal blob file",
@@ -233,6 +274,20 @@ async fn bench(
         left.is_empty(),
         "snapshots left in Shoal after containerd's garbage collection: {left:?}"
     );
+    for snapshots in [
+        node.root.join("snapshotter/snapshots"),
+        builtin
+            .root()
+            .join("io.containerd.snapshotter.v1.overlayfs/snapshots"),
+    ] {
+        let left = std::fs::read_dir(&snapshots)?.count();
+        ensure!(
+            left == 0,
+            "{left} directories left in {}",
+            snapshots.display()
+        );
+    }
+    machine.load_after = load_average()?;
 
     Ok(Report {
         machine,
@@ -257,18 +312,12 @@ struct Side {
     containerd: bool,
 }
 
-/// Latencies of one snapshotter, in operation order, and the names it committed.
-#[derive(Default)]
-struct Ops {
-    prepare: Vec<Duration>,
-    mounts: Vec<Duration>,
-    commit: Vec<Duration>,
-    total: Vec<Duration>,
-    names: Vec<String>,
-}
-
 impl Side {
-    async fn connect(label: &'static str, snapshotter: &'static str, socket: &Path) -> Result<Self> {
+    async fn connect(
+        label: &'static str,
+        snapshotter: &'static str,
+        socket: &Path,
+    ) -> Result<Self> {
         let side = Side {
             label,
             snapshotter,
@@ -301,7 +350,10 @@ impl Side {
         let mut request = Request::new(message);
         if self.containerd {
             let md = request.metadata_mut();
-            md.insert("containerd-namespace", MetadataValue::from_static(NAMESPACE));
+            md.insert(
+                "containerd-namespace",
+                MetadataValue::from_static(NAMESPACE),
+            );
             md.insert("containerd-lease", MetadataValue::from_static(LEASE));
         }
         request
@@ -317,7 +369,12 @@ impl Side {
 
     /// Unpacks an image of `depth` empty layers, as containerd's unpacker calls the
     /// snapshotter, plus the `Mounts` a container start asks for; returns the committed names.
-    async fn chain(&self, id: &str, depth: usize, mut ops: Option<&mut Ops>) -> Result<Vec<String>> {
+    async fn chain(
+        &self,
+        id: &str,
+        depth: usize,
+        mut ops: Option<&mut Ops>,
+    ) -> Result<Vec<String>> {
         let mut client = self.snapshots();
         let mut parent = String::new();
         let mut names = Vec::with_capacity(depth);
@@ -354,7 +411,6 @@ impl Side {
                     name: name.clone(),
                     key: key.clone(),
                     labels,
-                    ..Default::default()
                 }))
                 .await
                 .with_context(|| format!("committing {}", what()))?;
@@ -398,7 +454,11 @@ impl Side {
             snapshotter: self.snapshotter.to_owned(),
             ..Default::default()
         };
-        let mut stream = self.snapshots().list(self.request(request)).await?.into_inner();
+        let mut stream = self
+            .snapshots()
+            .list(self.request(request))
+            .await?
+            .into_inner();
         let mut names = Vec::new();
         while let Some(batch) = stream.message().await? {
             names.extend(batch.info.into_iter().map(|i| i.name));
@@ -438,7 +498,11 @@ impl Side {
             .await?;
             let answer = answers.message().await?.context("write stream ended")?;
             offset += chunk.len();
-            ensure!(answer.offset == offset as i64, "{} lost a write", self.label);
+            ensure!(
+                answer.offset == offset as i64,
+                "{} lost a write",
+                self.label
+            );
         }
         tx.send(WriteContentRequest {
             action: WriteAction::Commit.into(),
@@ -449,7 +513,12 @@ impl Side {
         })
         .await?;
         let answer = answers.message().await?.context("no answer to COMMIT")?;
-        ensure!(answer.digest == digest, "{} committed {}", self.label, answer.digest);
+        ensure!(
+            answer.digest == digest,
+            "{} committed {}",
+            self.label,
+            answer.digest
+        );
         Ok(start.elapsed())
     }
 
@@ -461,7 +530,11 @@ impl Side {
             offset: 0,
             size: 0,
         };
-        let mut stream = self.content().read(self.request(request)).await?.into_inner();
+        let mut stream = self
+            .content()
+            .read(self.request(request))
+            .await?
+            .into_inner();
         let mut hasher = verify.then(Sha256::new);
         let mut read = 0;
         while let Some(chunk) = stream.message().await? {
@@ -480,9 +553,9 @@ impl Side {
         Ok(elapsed)
     }
 
-    /// Reads the blob as containerd's proxy content store does (`remoteReaderAt`): one `Read`
-    /// call per 1 MiB.
-    async fn read_in_calls(&self, digest: &str, size: usize) -> Result<Duration> {
+    /// Reads the blob as containerd's proxy content store (`remoteReaderAt`) does for each
+    /// `ReadAt`: one `Read` call per `call` bytes.
+    async fn read_in_calls(&self, digest: &str, size: usize, call: usize) -> Result<Duration> {
         let mut client = self.content();
         let start = Instant::now();
         let mut read = 0;
@@ -490,7 +563,7 @@ impl Side {
             let request = ReadContentRequest {
                 digest: digest.to_owned(),
                 offset: read as i64,
-                size: CHUNK.min(size - read) as i64,
+                size: call.min(size - read) as i64,
             };
             let mut stream = client.read(self.request(request)).await?.into_inner();
             while let Some(chunk) = stream.message().await? {
@@ -543,7 +616,10 @@ struct Daemons {
 impl Daemons {
     /// CPU time of Shoal's side: its containerd and `shoal node`.
     fn shoal_cpu(&self) -> Result<[f64; 2]> {
-        Ok([cpu_seconds(self.containerd_shoal)?, cpu_seconds(self.shoal)?])
+        Ok([
+            cpu_seconds(self.containerd_shoal)?,
+            cpu_seconds(self.shoal)?,
+        ])
     }
 
     fn builtin_cpu(&self) -> Result<[f64; 2]> {
@@ -590,250 +666,33 @@ fn cpu_seconds(pid: i32) -> Result<f64> {
     Ok(ticks / USER_HZ)
 }
 
-async fn interrupted() -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-        _ = hup.recv() => {}
+/// SIGINT, SIGTERM and SIGHUP, which end the benchmark with everything stopped and removed.
+struct Signals([tokio::signal::unix::Signal; 3]);
+
+impl Signals {
+    /// Starts catching the signals; needs a tokio runtime context.
+    fn new() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals([
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        ]))
     }
-    eprintln!("shoal-bench: interrupted, cleaning up");
-    Ok(())
+
+    async fn recv(mut self) {
+        let [int, term, hup] = &mut self.0;
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+            _ = hup.recv() => {}
+        }
+        eprintln!("shoal-bench: interrupted, cleaning up");
+    }
 }
 
 fn progress(args: &Args, what: &str) {
     if !args.json {
         eprintln!("== {what}");
-    }
-}
-
-/// What the machine is, for the record.
-struct Machine {
-    cores: usize,
-    cpu: String,
-    kernel: String,
-    containerd: String,
-}
-
-impl Machine {
-    fn probe() -> Result<Self> {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu = cpuinfo
-            .lines()
-            .find_map(|l| l.strip_prefix("model name"))
-            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
-            .unwrap_or_default();
-        let version = std::process::Command::new("containerd")
-            .arg("--version")
-            .output()
-            .context("running containerd --version")?;
-        Ok(Machine {
-            cores: std::thread::available_parallelism()?.get(),
-            cpu,
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")?
-                .trim()
-                .to_owned(),
-            containerd: String::from_utf8_lossy(&version.stdout).trim().to_owned(),
-        })
-    }
-}
-
-/// Everything measured.
-struct Report {
-    machine: Machine,
-    snapshots: usize,
-    chain_depth: usize,
-    blob_bytes: usize,
-    /// Shoal's, then the built-in's.
-    snaps: [Ops; 2],
-    /// CPU seconds during the timed snapshot phase: [containerd, shoal node] per side.
-    snapshot_cpu: [[f64; 2]; 2],
-    writes: Vec<Duration>,
-    reads: [Vec<Duration>; 2],
-    read_cpu: [[f64; 2]; 2],
-    diagnostics: Vec<(&'static str, Duration)>,
-}
-
-/// The `p`-th percentile (nearest rank) in milliseconds.
-fn percentile_ms(samples: &[Duration], p: f64) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1e3
-}
-
-fn mb_per_s(bytes: usize, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64() / 1e6
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
-impl Report {
-    fn ops(&self) -> [(&'static str, [&[Duration]; 2]); 4] {
-        let [s, b] = &self.snaps;
-        [
-            ("Prepare", [&s.prepare, &b.prepare]),
-            ("Mounts", [&s.mounts, &b.mounts]),
-            ("Commit", [&s.commit, &b.commit]),
-            ("Prepare+Mounts+Commit", [&s.total, &b.total]),
-        ]
-    }
-
-    fn read_mbps(&self, side: usize) -> Vec<f64> {
-        self.reads[side]
-            .iter()
-            .map(|d| mb_per_s(self.blob_bytes, *d))
-            .collect()
-    }
-
-    fn ratio(&self, p: f64) -> f64 {
-        let [s, b] = &self.snaps;
-        percentile_ms(&s.total, p) / percentile_ms(&b.total, p)
-    }
-
-    fn content_ratio(&self) -> f64 {
-        median(self.read_mbps(0)) / median(self.read_mbps(1))
-    }
-
-    fn to_json(&self) -> Value {
-        let stats = |d: &[Duration]| {
-            let mean = d.iter().sum::<Duration>().as_secs_f64() * 1e3 / d.len() as f64;
-            json!({
-                "p50_ms": percentile_ms(d, 50.0),
-                "p99_ms": percentile_ms(d, 99.0),
-                "mean_ms": mean,
-                "max_ms": percentile_ms(d, 100.0),
-            })
-        };
-        let mut snapshot = serde_json::Map::new();
-        for (i, side) in ["shoal", "builtin"].into_iter().enumerate() {
-            let mut ops = serde_json::Map::new();
-            for (name, samples) in self.ops() {
-                ops.insert(name.to_lowercase(), stats(samples[i]));
-            }
-            let [containerd, shoal] = self.snapshot_cpu[i];
-            ops.insert(
-                "cpu_seconds".into(),
-                json!({"containerd": containerd, "shoal": shoal}),
-            );
-            snapshot.insert(side.into(), ops.into());
-        }
-        let content = |i: usize| {
-            let [containerd, shoal] = self.read_cpu[i];
-            json!({
-                "read_mbps": self.read_mbps(i),
-                "read_median_mbps": median(self.read_mbps(i)),
-                "write_mbps": mb_per_s(self.blob_bytes, self.writes[i]),
-                "read_cpu_seconds_per_read": {
-                    "containerd": containerd / self.reads[i].len() as f64,
-                    "shoal": shoal / self.reads[i].len() as f64,
-                },
-            })
-        };
-        let diagnostics: serde_json::Map<String, Value> = self
-            .diagnostics
-            .iter()
-            .map(|(what, d)| ((*what).to_owned(), json!(mb_per_s(self.blob_bytes, *d))))
-            .collect();
-        json!({
-            "machine": {
-                "cores": self.machine.cores,
-                "cpu": self.machine.cpu,
-                "kernel": self.machine.kernel,
-                "containerd": self.machine.containerd,
-            },
-            "snapshots": self.snapshots,
-            "chain_depth": self.chain_depth,
-            "snapshot_p50_ratio": self.ratio(50.0),
-            "snapshot_p99_ratio": self.ratio(99.0),
-            "snapshot": snapshot,
-            "blob_bytes": self.blob_bytes,
-            "page_cache": "warm: one untimed read of the blob per store before the timed reads",
-            "content_read_ratio": self.content_ratio(),
-            "content": {
-                "shoal": content(0),
-                "builtin": content(1),
-                "diagnostics_mbps": diagnostics,
-            },
-        })
-    }
-
-    fn print(&self) {
-        let m = &self.machine;
-        println!(
-            "\nmachine: {} cores ({}), kernel {}, {}",
-            m.cores, m.cpu, m.kernel, m.containerd
-        );
-        println!(
-            "\nSnapshots: {} per snapshotter in chains of {}, through containerd's gRPC API (ms)",
-            self.snapshots, self.chain_depth
-        );
-        println!(
-            "{:<24} {:>9} {:>9} {:>6}   {:>9} {:>9} {:>6}",
-            "operation", "p50 shoal", "p50 ovl", "ratio", "p99 shoal", "p99 ovl", "ratio"
-        );
-        for (name, [s, b]) in self.ops() {
-            let (s50, b50) = (percentile_ms(s, 50.0), percentile_ms(b, 50.0));
-            let (s99, b99) = (percentile_ms(s, 99.0), percentile_ms(b, 99.0));
-            println!(
-                "{name:<24} {s50:>9.3} {b50:>9.3} {:>6.2}   {s99:>9.3} {b99:>9.3} {:>6.2}",
-                s50 / b50,
-                s99 / b99
-            );
-        }
-        let [[sc, ss], [bc, _]] = self.snapshot_cpu;
-        println!(
-            "CPU for the timed snapshots: shoal side {sc:.2} s containerd + {ss:.2} s shoal node; \
-             built-in {bc:.2} s containerd"
-        );
-        println!(
-            "\nContent: Read of a {} MiB blob through containerd's socket, page cache warm \
-             (one untimed read first), {} reads each (MB/s = 10^6 B/s)",
-            self.blob_bytes >> 20,
-            self.reads[0].len()
-        );
-        println!(
-            "{:<22} {:>10} {:>8} {:>8} {:>11} {:>15}",
-            "store", "median", "min", "max", "write MB/s", "CPU s per read"
-        );
-        for (i, name) in ["shoal (proxy)", "built-in local"].into_iter().enumerate() {
-            let mbps = self.read_mbps(i);
-            let min = mbps.iter().copied().fold(f64::INFINITY, f64::min);
-            let max = mbps.iter().copied().fold(0.0, f64::max);
-            let [c, s] = self.read_cpu[i];
-            let n = self.reads[i].len() as f64;
-            let cpu = if i == 0 {
-                format!("{:.2}+{:.2}", c / n, s / n)
-            } else {
-                format!("{:.2}", c / n)
-            };
-            println!(
-                "{name:<22} {:>10.0} {min:>8.0} {max:>8.0} {:>11.0} {cpu:>15}",
-                median(mbps.clone()),
-                mb_per_s(self.blob_bytes, self.writes[i])
-            );
-        }
-        println!("content_read_ratio (shoal / built-in): {:.2}", self.content_ratio());
-        println!("diagnostics (one read each, MB/s):");
-        for (what, d) in &self.diagnostics {
-            println!("  {what:<56} {:>8.0}", mb_per_s(self.blob_bytes, *d));
-        }
-        println!(
-            "\nsnapshot_p50_ratio {:.2}  snapshot_p99_ratio {:.2}  content_read_ratio {:.2}",
-            self.ratio(50.0),
-            self.ratio(99.0),
-            self.content_ratio()
-        );
     }
 }
