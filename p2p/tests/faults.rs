@@ -75,6 +75,15 @@ async fn a_peer_dying_mid_transfer_costs_time_not_correctness() -> anyhow::Resul
     };
     let first = start_peer(dir.path(), "first", &registry, slow, &first_down).await?;
     read_all(&first.fetch(digest, Some(source.clone())).await?).await?;
+    // Once the tracker has every hash, nobody else is sent upstream for this blob.
+    let tracker = shoal_p2p::tracker::TrackerClient::new(&tracker_url);
+    while !tracker
+        .metainfo(&digest)
+        .await?
+        .is_some_and(|m| m.is_complete())
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let upstream_before = served(&reg);
 
     let cfg = P2pConfig {

@@ -155,9 +155,15 @@ impl State {
                     // A second back-sourcer only joins one that has been at it a while: by then the
                     // first is in every peer list, so the two see each other's pieces and split the
                     // blob instead of both fetching it whole.
+                    // Nor once every piece has been fetched (all hashes published): nothing is
+                    // left to split. With no lease holder left (it died before anyone else had
+                    // the blob), someone must fetch it again.
                     None => {
+                        let all_fetched = swarm.meta.as_ref().is_some_and(Metainfo::is_complete);
                         swarm.leases.contains_key(&req.peer_id)
+                            || swarm.leases.is_empty()
                             || (swarm.leases.len() < max_backsourcers
+                                && !all_fetched
                                 && swarm.leases.values().all(|l| now >= l.granted + settle))
                     }
                 };
@@ -472,5 +478,28 @@ mod tests {
         let a = announce(&mut st, id(1), false, false, later);
         assert_eq!(a.stripe, Stripe { index: 0, count: 2 });
         assert!(!announce(&mut st, id(3), false, false, later).backsource);
+    }
+
+    #[test]
+    fn a_fully_fetched_blob_gets_no_second_back_sourcer_but_a_new_one_if_the_first_dies() {
+        let mut st = State::new(TrackerConfig {
+            max_backsourcers: 2,
+            ..cfg()
+        });
+        let now = Instant::now();
+        assert!(announce(&mut st, id(1), false, false, now).backsource);
+        let hashes = PublishRequest {
+            peer_id: id(1),
+            size: 5 << 20,
+            pieces: (0..5).map(|i| (i, PieceHash::of(&[i as u8]))).collect(),
+        };
+        let digest = Digest::of(b"blob");
+        assert!(st.publish(digest, hashes, now).is_ok());
+        let later = now + Duration::from_millis(2 * st.cfg.announce_interval_ms);
+        announce(&mut st, id(1), false, false, later);
+        assert!(!announce(&mut st, id(2), false, false, later).backsource);
+        // The holder falls silent before anyone else has the blob: someone must fetch it again.
+        let after_ttl = later + Duration::from_millis(st.cfg.peer_ttl_ms + 1);
+        assert!(announce(&mut st, id(2), false, false, after_ttl).backsource);
     }
 }
