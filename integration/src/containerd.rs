@@ -397,6 +397,17 @@ fn merge(base: &mut Table, extra: Table) {
     }
 }
 
+/// containerd config using Shoal at `socket` as snapshotter (`shoal`) and content store
+/// (`shoal-content`), with the built-in content store disabled, as `examples/containerd/` does.
+pub fn shoal_proxy_config(socket: &Path) -> String {
+    let socket = socket.display();
+    format!(
+        "disabled_plugins = [\"io.containerd.content.v1.content\"]\n\n\
+         [proxy_plugins.shoal]\n  type = \"snapshot\"\n  address = \"{socket}\"\n\n\
+         [proxy_plugins.shoal-content]\n  type = \"content\"\n  address = \"{socket}\"\n"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,15 +459,4 @@ mod tests {
         assert_eq!(unescape_mount_path(r"/tmp/a\040b"), "/tmp/a b");
         assert_eq!(unescape_mount_path(r"/tmp/plain"), "/tmp/plain");
     }
-}
-
-/// containerd config using Shoal at `socket` as snapshotter (`shoal`) and content store
-/// (`shoal-content`), with the built-in content store disabled, as `examples/containerd/` does.
-pub fn shoal_proxy_config(socket: &Path) -> String {
-    let socket = socket.display();
-    format!(
-        "disabled_plugins = [\"io.containerd.content.v1.content\"]\n\n\
-         [proxy_plugins.shoal]\n  type = \"snapshot\"\n  address = \"{socket}\"\n\n\
-         [proxy_plugins.shoal-content]\n  type = \"content\"\n  address = \"{socket}\"\n"
-    )
 }

@@ -239,7 +239,7 @@ async fn kill_9_during_ingests_and_commits_loses_nothing_committed() -> Result<(
     for status in statuses {
         let worker: usize = status.r#ref.trim_start_matches("ingest-").parse()?;
         let data = blob_for(worker);
-        if worker % 2 == 0 {
+        if worker.is_multiple_of(2) {
             write_blob(
                 channel.clone(),
                 &status.r#ref,
