@@ -26,7 +26,7 @@ use tonic::Request;
 use tonic::transport::Channel;
 
 const WORKERS: usize = 20;
-const BLOB: usize = 3 << 20;
+const BLOB: usize = 8 << 20;
 const CHUNK: usize = 64 << 10;
 const NS: &str = "default";
 
@@ -183,7 +183,7 @@ async fn kill_9_during_ingests_and_commits_loses_nothing_committed() -> Result<(
     let (blobs, snaps) = (acked_blobs.clone(), acked_snapshots.clone());
     tokio::task::spawn_blocking(move || {
         wait_until(Duration::from_secs(60), "some commits to be acknowledged", || {
-            Ok(blobs.lock().expect("lock").len() >= 3 && snaps.lock().expect("lock").len() >= 40)
+            Ok(blobs.lock().expect("lock").len() >= 3 && snaps.lock().expect("lock").len() >= 10)
         })
     })
     .await??;

@@ -62,6 +62,36 @@ pub enum MetainfoError {
     },
 }
 
+/// How a blob of `size` bytes is cut into pieces: cheap to copy, unlike a whole [`Metainfo`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub size: u64,
+    pub piece_size: u32,
+}
+
+impl Layout {
+    /// Byte range of piece `index` within the blob.
+    pub fn piece_range(&self, index: u32) -> std::ops::Range<u64> {
+        let start = u64::from(index) * u64::from(self.piece_size);
+        start..(start + u64::from(self.piece_size)).min(self.size)
+    }
+
+    pub fn piece_len(&self, index: u32) -> usize {
+        let r = self.piece_range(index);
+        (r.end - r.start) as usize
+    }
+
+    /// Pieces overlapping the byte range `range` (clamped to the blob).
+    pub fn pieces_for(&self, range: std::ops::Range<u64>) -> std::ops::Range<u32> {
+        let end = range.end.min(self.size);
+        if range.start >= end {
+            return 0..0;
+        }
+        let ps = u64::from(self.piece_size);
+        (range.start / ps) as u32..end.div_ceil(ps) as u32
+    }
+}
+
 /// The layout and piece hashes of one blob.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Metainfo {
@@ -164,25 +194,26 @@ impl Metainfo {
         self.pieces.len() as u32
     }
 
+    /// The blob's piece layout, without the hashes.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            size: self.size,
+            piece_size: self.piece_size,
+        }
+    }
+
     /// Byte range of piece `index` within the blob.
     pub fn piece_range(&self, index: u32) -> std::ops::Range<u64> {
-        let start = u64::from(index) * u64::from(self.piece_size);
-        start..(start + u64::from(self.piece_size)).min(self.size)
+        self.layout().piece_range(index)
     }
 
     pub fn piece_len(&self, index: u32) -> usize {
-        let r = self.piece_range(index);
-        (r.end - r.start) as usize
+        self.layout().piece_len(index)
     }
 
     /// Pieces overlapping the byte range `range` (clamped to the blob).
     pub fn pieces_for(&self, range: std::ops::Range<u64>) -> std::ops::Range<u32> {
-        let end = range.end.min(self.size);
-        if range.start >= end {
-            return 0..0;
-        }
-        let ps = u64::from(self.piece_size);
-        (range.start / ps) as u32..end.div_ceil(ps) as u32
+        self.layout().pieces_for(range)
     }
 
     pub fn is_complete(&self) -> bool {

@@ -196,6 +196,11 @@ async fn info_and_read_answer_from_the_swarm() -> anyhow::Result<()> {
     assert_eq!(middle, &data[start as usize..start as usize + 100_000]);
     assert_eq!(read(&client, &digest.to_string(), 0, 0).await?, data);
 
+    // The count is updated just after the last piece becomes readable.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while swarm.metrics().bytes_from_peers.get() < data.len() as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let from_peers = swarm.metrics().bytes_from_peers.get();
     assert!(
         from_peers >= data.len() as u64,

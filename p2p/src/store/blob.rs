@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 use super::{BlobStore, Result, StoreError};
 use crate::bitfield::Bitfield;
 use crate::digest::{Digest, Hasher};
-use crate::metainfo::{Metainfo, PieceHash};
+use crate::metainfo::{Layout, Metainfo, PieceHash};
 
 /// Where a blob is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +42,8 @@ pub enum PieceWrite {
 pub(super) struct Entry {
     digest: Digest,
     size: u64,
+    /// Fixed for the blob's life; kept outside the lock so readers need not copy the metainfo.
+    layout: Layout,
     /// The data file. Stays valid across the rename from `partial/` to `blobs/`.
     file: File,
     state: Mutex<EntryState>,
@@ -213,6 +215,7 @@ impl Entry {
         Self {
             digest,
             size,
+            layout: meta.layout(),
             file,
             state: Mutex::new(EntryState {
                 meta,
@@ -381,6 +384,11 @@ pub struct Blob {
 impl Blob {
     pub(super) fn new(entry: Arc<Entry>, store: BlobStore) -> Self {
         Self { entry, store }
+    }
+
+    /// How the blob is cut into pieces.
+    pub fn layout(&self) -> Layout {
+        self.entry.layout
     }
 
     pub fn digest(&self) -> Digest {

@@ -28,7 +28,6 @@ use tracing::{debug, info, warn};
 
 pub use metrics::SwarmMetrics;
 pub use ratelimit::RateLimiter;
-pub use scheduler::Scheduler;
 
 use self::torrent::{Event, Torrent, TorrentHandle};
 use crate::digest::Digest;
@@ -122,8 +121,6 @@ pub enum SwarmError {
     NoLayout { digest: Digest, timeout: Duration },
     #[error("fetching {digest}: {why}")]
     Failed { digest: Digest, why: String },
-    #[error("tracker: {0}")]
-    Tracker(String),
     #[error("{0} has no advertise address: set p2p.advertise")]
     NoAdvertise(String),
     #[error("swarm is shutting down")]

@@ -47,10 +47,6 @@ impl Scheduler {
         self.have.is_full()
     }
 
-    pub fn availability(&self, index: u32) -> u16 {
-        self.avail.get(index as usize).copied().unwrap_or(0)
-    }
-
     pub fn peer_added(&mut self, has: &Bitfield) {
         for i in has.iter_ones() {
             self.avail[i as usize] = self.avail[i as usize].saturating_add(1);

@@ -177,7 +177,7 @@ fn stream_blob(
     span: std::ops::Range<u64>,
     stall: Duration,
 ) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
-    let piece = u64::from(blob.metainfo().piece_size);
+    let piece = u64::from(blob.layout().piece_size);
     futures::stream::try_unfold(span.start, move |pos| {
         let (swarm, blob) = (swarm.clone(), blob.clone());
         async move {

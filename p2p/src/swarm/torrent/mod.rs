@@ -18,9 +18,9 @@ mod peers;
 mod pieces;
 mod upstream;
 
+use super::SwarmCtx;
 use super::conn::{self, Conn, PieceCounts, Transport};
 use super::scheduler::Scheduler;
-use super::{SwarmCtx, SwarmError};
 use crate::bitfield::Bitfield;
 use crate::digest::Digest;
 use crate::metainfo::{Metainfo, PieceHash};
@@ -445,7 +445,7 @@ impl Torrent {
             }
             Event::Want(range) => {
                 if let (Some(b), Some(s)) = (&self.blob, self.sched.as_mut()) {
-                    s.prioritize(b.metainfo().pieces_for(range));
+                    s.prioritize(b.layout().pieces_for(range));
                 }
             }
         }
@@ -512,11 +512,5 @@ impl Torrent {
         }
         self.request_from_peers();
         self.fetch_upstream();
-    }
-}
-
-impl From<TrackerError> for SwarmError {
-    fn from(e: TrackerError) -> Self {
-        SwarmError::Tracker(e.to_string())
     }
 }

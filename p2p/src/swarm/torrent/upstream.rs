@@ -53,8 +53,7 @@ impl Torrent {
             };
             s.requested(index);
             self.upstream_inflight += 1;
-            let meta = blob.metainfo();
-            let range = meta.piece_range(index);
+            let range = blob.layout().piece_range(index);
             let (tx, ctx, digest, source) = (
                 self.events_tx.clone(),
                 self.ctx.clone(),
