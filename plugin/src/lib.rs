@@ -8,4 +8,5 @@ pub mod labels;
 mod meta;
 pub mod mirror;
 pub mod node;
+pub mod reference;
 pub mod snapshotter;

@@ -603,6 +603,12 @@ impl Blob {
         Ok(buf)
     }
 
+    /// Whether every byte of `range` is present, so reading it cannot wait.
+    pub fn has_range(&self, range: Range<u64>) -> bool {
+        let st = self.entry.lock();
+        st.status != BlobState::Discarded && st.meta.pieces_for(range).all(|i| st.have.get(i))
+    }
+
     /// Waits until every byte of `range` is present (or the blob is discarded).
     pub async fn wait_range(&self, range: Range<u64>) -> Result<()> {
         let mut rx = self.subscribe();

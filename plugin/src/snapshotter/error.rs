@@ -44,6 +44,8 @@ pub enum Error {
     Db(#[source] Box<redb::Error>),
     #[error("metadata of {key:?} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("mounting lazy layer {name:?}: {reason}")]
+    Lazy { name: String, reason: String },
     #[error("snapshotter task")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -66,6 +68,7 @@ impl Error {
                 Code::InvalidArgument
             }
             Error::Corrupt { .. } => Code::DataLoss,
+            Error::Lazy { .. } => Code::Unavailable,
             Error::Io { .. } | Error::Db(_) | Error::Task(_) => Code::Internal,
         }
     }

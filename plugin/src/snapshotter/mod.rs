@@ -21,6 +21,7 @@
 //! | `error.rs` | [`Error`] and its one mapping to gRPC codes |
 //! | `meta.rs` | the metadata store: records, parent links, id sequence, all in redb transactions |
 //! | `overlay.rs` | [`OverlaySnapshotter`]: directories, mounts, crash-safe ordering, cleanup |
+//! | `remote.rs` | [`RemoteSnapshotter`]: lazily mounted layers (remote snapshots) over the overlay one |
 //! | `service.rs` | the thin tonic adapter: [`service`] turns any [`Snapshotter`] into a `SnapshotsServer` |
 //!
 //! What it shares with the content store lives beside them: the filter language
@@ -32,13 +33,14 @@
 //! built-in snapshotters, and the `snapshotter` field of every request (the proxy plugin's name
 //! in containerd's config) is ignored for the same reason.
 //!
-//! Remote snapshots (a later issue) hook into `Prepare`: when the labels carry
-//! `containerd.io/snapshot.ref`, a hook will get to make and commit the snapshot itself (with
-//! [`OverlaySnapshotter::prepare_with`]) and answer `AlreadyExists`.
+//! Remote snapshots hook into `Prepare`: when the labels carry `containerd.io/snapshot.ref` and
+//! name a lazy layer, [`RemoteSnapshotter`] commits the snapshot itself, mounts the layer there
+//! and answers `AlreadyExists` (see `remote.rs`).
 
 mod error;
 mod meta;
 mod overlay;
+mod remote;
 mod service;
 
 use std::borrow::Cow;
@@ -50,6 +52,7 @@ use crate::filters::{self, Fields};
 pub use crate::labels::{Labels, MAX_LABEL_SIZE, MAX_LABELS};
 pub use error::Error;
 pub use overlay::{OverlaySnapshotter, PreparedSnapshot};
+pub use remote::{LazyError, LazyLayers, RemoteSnapshotter, Restored, SNAPSHOT_REF};
 pub use service::{SnapshotsService, service};
 
 /// Longest key or name accepted when creating a snapshot.

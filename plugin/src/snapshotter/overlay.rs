@@ -98,6 +98,21 @@ impl OverlaySnapshotter {
         Ok(mounts)
     }
 
+    /// `Remove`, with `before_delete` called on the snapshot's `fs/` directory once its record
+    /// is gone and before the directory is deleted: where a remote snapshot is unmounted.
+    pub async fn remove_with<F>(&self, key: String, before_delete: F) -> Result<(), Error>
+    where
+        F: FnOnce(&Path) + Send + 'static,
+    {
+        self.blocking(move |i| i.remove(&key, before_delete)).await
+    }
+
+    /// The `fs/` directory of snapshot `key` (any kind), where a remote snapshot is mounted.
+    pub async fn fs_dir(&self, key: String) -> Result<PathBuf, Error> {
+        self.blocking(move |i| Ok(i.fs_dir(i.meta.read()?.get(&key)?.id)))
+            .await
+    }
+
     async fn blocking<T, F>(&self, f: F) -> Result<T, Error>
     where
         T: Send + 'static,
@@ -239,10 +254,11 @@ impl Inner {
         txn.commit()
     }
 
-    fn remove(&self, key: &str) -> Result<(), Error> {
+    fn remove(&self, key: &str, before_delete: impl FnOnce(&Path)) -> Result<(), Error> {
         let txn = self.meta.write()?;
         let id = txn.remove(key)?;
         txn.commit()?;
+        before_delete(&self.fs_dir(id));
         // The record is gone and committed: failing here only leaves garbage for cleanup.
         if let Err(e) = remove_all(&self.dir(id)) {
             warn!(error = %e, key, "removing a snapshot directory; cleanup will retry");
@@ -350,7 +366,7 @@ impl Snapshotter for OverlaySnapshotter {
     }
 
     async fn remove(&self, key: String) -> Result<(), Error> {
-        self.blocking(move |i| i.remove(&key)).await
+        self.blocking(move |i| i.remove(&key, |_| {})).await
     }
 
     async fn stat(&self, key: String) -> Result<Info, Error> {
