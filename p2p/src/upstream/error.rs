@@ -33,6 +33,14 @@ pub enum Error {
     #[error("docker config {path}: {reason}")]
     DockerConfigInvalid { path: PathBuf, reason: String },
 
+    /// Reading a blob to upload, or writing one downloaded.
+    #[error("local blob file {path}")]
+    LocalFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
     #[error("building the HTTP client for upstream registries")]
     Client(#[source] reqwest::Error),
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, HeaderMap, WWW_AUTHENTICATE};
-use reqwest::{Method, Response};
+use reqwest::{Body, Method, Response};
 
 use super::challenge::parse_challenges;
 use super::{BlobSource, Error, Upstream};
@@ -112,6 +112,22 @@ impl Upstream {
         url: &str,
         headers: &HeaderMap,
     ) -> Result<Response, Error> {
+        self.send_with(target, method, url, headers, &|| Ok(None), None)
+            .await
+    }
+
+    /// [`Upstream::send`] with a request body and a time limit of its own (blob transfers
+    /// outlast the client's per-request default). `body` makes a fresh body for each attempt,
+    /// since a streamed one is spent by the request that the registry answers with a 401.
+    pub(super) async fn send_with(
+        &self,
+        target: &Target<'_>,
+        method: &Method,
+        url: &str,
+        headers: &HeaderMap,
+        body: &(dyn Fn() -> Result<Option<Body>, Error> + Sync),
+        timeout: Option<Duration>,
+    ) -> Result<Response, Error> {
         let inner = &self.inner;
         let mut authorization = inner.auth.current(target.src).await;
         let mut answered = false;
@@ -122,6 +138,12 @@ impl Upstream {
                 .headers(headers.clone());
             if let Some(value) = &authorization {
                 request = request.header(AUTHORIZATION, value.clone());
+            }
+            if let Some(body) = body()? {
+                request = request.body(body);
+            }
+            if let Some(timeout) = timeout {
+                request = request.timeout(timeout);
             }
             let response = request.send().await.map_err(|e| target.request(e))?;
             let status = response.status().as_u16();

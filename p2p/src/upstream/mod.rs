@@ -8,6 +8,9 @@
 //! number of bytes, not their hash (manifests fetched by digest are the exception, see
 //! [`Upstream::manifest`]).
 //!
+//! The write side (`push.rs`: blob uploads and mounts, manifest PUTs) and whole-blob downloads
+//! into a file (`download.rs`) serve `shoal convert`.
+//!
 //! Layout: `http.rs` sends one request (URL, auth, status mapping, retries), `auth.rs` answers
 //! the `WWW-Authenticate` challenges that `challenge.rs` parses and caches tokens,
 //! `credentials.rs` reads docker `config.json`, `name.rs` checks names before they reach a URL,
@@ -18,9 +21,11 @@ mod auth;
 mod challenge;
 mod config;
 mod credentials;
+mod download;
 mod error;
 mod http;
 mod name;
+mod push;
 #[cfg(test)]
 mod tests;
 
@@ -41,6 +46,7 @@ pub use self::error::Error;
 use self::http::{
     DOCKER_CONTENT_DIGEST, Target, content_length, header_str, read_capped, read_exact,
 };
+pub use self::push::{BlobBody, OnProgress, Pushed};
 use crate::Digest;
 
 /// Manifests are small JSON documents; distribution itself refuses to store more than 4 MiB.
@@ -107,6 +113,7 @@ struct Inner {
     auth: Auth,
     insecure: HashSet<String>,
     retries: u32,
+    request_timeout: std::time::Duration,
 }
 
 impl Upstream {
@@ -126,6 +133,7 @@ impl Upstream {
                 auth: Auth::new(credentials),
                 insecure: cfg.insecure.iter().cloned().collect(),
                 retries: cfg.retries,
+                request_timeout: cfg.request_timeout(),
             }),
         })
     }

@@ -1,10 +1,12 @@
 //! The client against real HTTP servers started in-process on 127.0.0.1:0, one small axum router
 //! per behaviour: ranged blobs, flaky 503s, 404s and a server that ignores `Range` (`blobs.rs`),
-//! token and basic auth (`auth.rs`), manifests (`manifests.rs`). This file has the shared server.
+//! token and basic auth (`auth.rs`), manifests (`manifests.rs`), uploads and whole-blob downloads
+//! (`push.rs`). This file has the shared server.
 
 mod auth;
 mod blobs;
 mod manifests;
+mod push;
 
 use std::collections::HashMap;
 use std::sync::Arc;
