@@ -46,7 +46,7 @@ pub use self::error::Error;
 use self::http::{
     DOCKER_CONTENT_DIGEST, Target, content_length, header_str, read_capped, read_exact,
 };
-pub use self::push::{BlobBody, OnProgress, Pushed};
+pub use self::push::{BlobBody, OnProgress};
 use crate::Digest;
 
 /// Manifests are small JSON documents; distribution itself refuses to store more than 4 MiB.

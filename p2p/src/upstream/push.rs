@@ -1,6 +1,6 @@
 //! The write side of the distribution API, for `shoal convert`: does a blob exist, upload one
 //! (monolithic: `POST /v2/<repo>/blobs/uploads/` then `PUT <Location>&digest=`), mount one from
-//! another repository of the same registry, and put a manifest.
+//! another repository of the same registry (`POST ...?mount=&from=`), and put a manifest.
 //!
 //! Uploads go through the same [`Upstream::send_with`] as reads, so they get the auth handshake
 //! (a registry asks for `push,pull` scope in the challenge of the `POST`, and the cached pull
@@ -44,14 +44,6 @@ impl std::fmt::Debug for BlobBody {
     }
 }
 
-/// How a pushed blob got into the repository.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pushed {
-    Uploaded,
-    /// Mounted from another repository of the registry: no bytes moved.
-    Mounted,
-}
-
 /// Blob transfers may take this long on top of the per-request limit: at least 1 MiB/s.
 const MIN_TRANSFER_RATE: u64 = 1 << 20;
 
@@ -70,40 +62,54 @@ impl Upstream {
         }
     }
 
-    /// Uploads a `size`-byte blob that hashes to `digest` into `src`.
-    ///
-    /// With `mount_from` (another repository of the same registry that has the blob), asks the
-    /// registry to mount it first; one that declines answers with an upload session, used as
-    /// usual. The registry checks the digest and size; so does this call, before sending.
+    /// Asks the registry to mount `digest` from `from`, another repository of it: `true` if it
+    /// did, `false` if it declined (the blob is not there, or mounts are off), in which case the
+    /// caller uploads it with [`Upstream::push_blob`].
+    pub async fn mount_blob(
+        &self,
+        src: &BlobSource,
+        digest: &Digest,
+        from: &str,
+    ) -> Result<bool, Error> {
+        src.validate()?;
+        name::check_repository(from)?;
+        let target = Target {
+            src,
+            what: format!("mount of blob {digest} from {from}"),
+        };
+        let url = self.url(src, &format!("blobs/uploads/?mount={digest}&from={from}"));
+        let (target, url) = (&target, &url);
+        self.retrying(|| async move {
+            let response = self
+                .send(target, &Method::POST, url, &HeaderMap::new())
+                .await?;
+            // A 202 opens an upload session that we leave for the registry to expire.
+            Ok(response.status().as_u16() == 201)
+        })
+        .await
+    }
+
+    /// Uploads a `size`-byte blob that hashes to `digest` into `src`. The registry checks the
+    /// digest and size; so does this call, before sending.
     pub async fn push_blob(
         &self,
         src: &BlobSource,
         digest: &Digest,
         size: u64,
         body: BlobBody,
-        mount_from: Option<&str>,
-    ) -> Result<Pushed, Error> {
+    ) -> Result<(), Error> {
         src.validate()?;
-        if let Some(from) = mount_from {
-            name::check_repository(from)?;
-        }
         check_body(&body, digest, size)?;
         let target = Target {
             src,
             what: format!("upload of blob {digest}"),
         };
-        let mut start = self.url(src, "blobs/uploads/");
-        if let Some(from) = mount_from {
-            start.push_str(&format!("?mount={digest}&from={from}"));
-        }
+        let start = self.url(src, "blobs/uploads/");
         let (target, start, body) = (&target, &start, &body);
         self.retrying(|| async move {
             let session = self
                 .send(target, &Method::POST, start, &HeaderMap::new())
                 .await?;
-            if session.status().as_u16() == 201 && mount_from.is_some() {
-                return Ok(Pushed::Mounted);
-            }
             let location = upload_location(&session, start, target)?;
             let url = with_digest(location, digest);
             let mut headers = HeaderMap::new();
@@ -128,7 +134,7 @@ impl Upstream {
                 status => return Err(target.bad(format!("HTTP {status} to the final PUT"))),
             }
             check_digest(&response, &digest.to_string(), target)?;
-            Ok(Pushed::Uploaded)
+            Ok(())
         })
         .await
     }

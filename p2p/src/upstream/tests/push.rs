@@ -218,10 +218,9 @@ async fn uploads_a_file_through_relative_and_absolute_locations() -> anyhow::Res
             path: path.clone(),
             progress: Some(Arc::new(move |n| seen.store(n, Ordering::SeqCst))),
         };
-        let pushed = upstream
-            .push_blob(&src, &digest, data.len() as u64, body, None)
+        upstream
+            .push_blob(&src, &digest, data.len() as u64, body)
             .await?;
-        assert_eq!(pushed, Pushed::Uploaded);
         assert_eq!(
             stored(&shared, &digest),
             Some(data.clone()),
@@ -232,12 +231,15 @@ async fn uploads_a_file_through_relative_and_absolute_locations() -> anyhow::Res
 
         // Mounting a blob the registry has moves no bytes and opens no session.
         let sessions = shared.0.sessions.load(Ordering::SeqCst);
-        let body = BlobBody::Bytes(data.clone());
-        let mounted = upstream
-            .push_blob(&src, &digest, data.len() as u64, body, Some("other/repo"))
-            .await?;
-        assert_eq!(mounted, Pushed::Mounted);
+        assert!(upstream.mount_blob(&src, &digest, "other/repo").await?);
         assert_eq!(shared.0.sessions.load(Ordering::SeqCst), sessions);
+        // One it lacks is declined, and the session it opens is left to expire.
+        assert!(
+            !upstream
+                .mount_blob(&src, &Digest::of(b"x"), "other/repo")
+                .await?
+        );
+        assert_eq!(shared.0.sessions.load(Ordering::SeqCst), sessions + 1);
     }
     Ok(())
 }
@@ -262,7 +264,7 @@ async fn a_failed_put_is_retried_from_a_new_session() -> anyhow::Result<()> {
 
     let impatient = server.client("{}", 1)?;
     let err = impatient
-        .push_blob(&server.source(), &digest, size, body.clone(), None)
+        .push_blob(&server.source(), &digest, size, body.clone())
         .await;
     assert!(
         matches!(err, Err(Error::Status { status: 503, .. })),
@@ -271,7 +273,7 @@ async fn a_failed_put_is_retried_from_a_new_session() -> anyhow::Result<()> {
 
     let patient = server.client("{}", 4)?;
     patient
-        .push_blob(&server.source(), &digest, size, body, None)
+        .push_blob(&server.source(), &digest, size, body)
         .await?;
     assert_eq!(stored(&shared, &digest), Some(data));
     assert_eq!(shared.0.sessions.load(Ordering::SeqCst), 3);
@@ -294,17 +296,11 @@ async fn wrong_bodies_are_refused_before_any_request() -> anyhow::Result<()> {
 
     let short = data.slice(1..);
     let wrong_size = upstream
-        .push_blob(
-            &src,
-            &digest,
-            data.len() as u64,
-            BlobBody::Bytes(short),
-            None,
-        )
+        .push_blob(&src, &digest, data.len() as u64, BlobBody::Bytes(short))
         .await;
     let other = Digest::of(b"other");
     let wrong_digest = upstream
-        .push_blob(&src, &other, data.len() as u64, BlobBody::Bytes(data), None)
+        .push_blob(&src, &other, data.len() as u64, BlobBody::Bytes(data))
         .await;
     let wrong_ref = upstream
         .push_manifest(&src, &other.to_string(), "application/json", Bytes::new())
@@ -415,7 +411,7 @@ async fn bearer_registry_gets_a_push_token_for_uploads() -> anyhow::Result<()> {
     assert!(!upstream.blob_exists(&src, &digest).await?);
     let body = BlobBody::Bytes(data.clone());
     upstream
-        .push_blob(&src, &digest, data.len() as u64, body, None)
+        .push_blob(&src, &digest, data.len() as u64, body)
         .await?;
     upstream
         .push_manifest(&src, "v1", "application/json", Bytes::from_static(b"{}"))
