@@ -11,8 +11,12 @@
 //! This crate knows nothing of gRPC, containerd or the swarm: the node plugs the swarm in by
 //! implementing [`ChunkSource`].
 
+pub mod cache;
+pub mod fs;
 pub mod index;
 pub mod source;
 
+pub use cache::ChunkCache;
+pub use fs::{FsOptions, FsStats, LayerMount, unmount_stale};
 pub use index::{Index, Ino, Kind, Node};
 pub use source::{ChunkSource, FileSource};

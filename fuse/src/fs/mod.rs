@@ -1,0 +1,237 @@
+//! The FUSE filesystem presenting one lazy layer, read-only, as a lower directory for overlayfs.
+//!
+//! [`mount`] mounts a layer and returns a [`LayerMount`] guard; dropping the guard unmounts it.
+//! Metadata comes from the layer's [`Index`], which is in memory, so lookups, `stat`, `readdir`
+//! and xattrs never wait. File bytes come chunk by chunk through the layer (fetched from its
+//! [`ChunkSource`], inflated, checked against the TOC's `chunkDigest`) and are kept in a bounded
+//! [`ChunkCache`]. A chunk that cannot be fetched or does not verify fails the read with `EIO`:
+//! never wrong bytes, never a hang (sources bound their own time).
+//!
+//! | file | what |
+//! |---|---|
+//! | `mod.rs` | the public API, the shared state [`LayerFs`] and the mount guard |
+//! | `inode.rs` | metadata: attributes, lookup, directories, symlinks, xattrs, statfs |
+//! | `read.rs` | file bytes, through the chunk cache |
+//! | `passthrough.rs` | files whose chunks are all local, served by the kernel from a verified copy |
+//! | `ops.rs` | the `fuser::Filesystem` impl: a thin edge mapping requests to the above |
+//! | `session.rs` | `/dev/fuse`, mount(2), unmount, and detaching stale mounts |
+//!
+//! Requests are served by `threads` session threads, each with its own cloned `/dev/fuse` fd,
+//! so a read waiting on the network holds up only its own thread.
+
+mod inode;
+mod ops;
+mod passthrough;
+mod read;
+mod session;
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+pub use session::unmount_stale;
+
+use crate::cache::ChunkCache;
+use crate::index::{Chunk, Index};
+use crate::source::ChunkSource;
+use passthrough::Passthrough;
+
+/// How a layer is mounted.
+#[derive(Clone, Debug)]
+pub struct FsOptions {
+    /// Budget of the cache of inflated chunks, in bytes.
+    pub cache_bytes: u64,
+    /// Threads serving FUSE requests: this many reads can wait on the network at once.
+    pub threads: usize,
+    /// Where to keep verified copies of fully local files for FUSE passthrough (kernel 6.9+,
+    /// needs `CAP_SYS_ADMIN`). The directory belongs to this mount alone. `None` disables it.
+    pub passthrough_dir: Option<PathBuf>,
+    /// How long the kernel may cache attributes and lookups; layers never change.
+    pub ttl: Duration,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            cache_bytes: 64 << 20,
+            threads: 4,
+            passthrough_dir: None,
+            ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What a mount has done so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FsStats {
+    /// `read` requests answered (successfully or not).
+    pub reads: u64,
+    /// Bytes returned by `read`.
+    pub bytes: u64,
+    /// Chunks fetched and inflated (cache misses, failed fetches included).
+    pub chunk_fetches: u64,
+    /// Chunk lookups answered from the cache, or by joining a fetch already under way.
+    pub cache_hits: u64,
+    /// Opens answered with a passthrough backing file.
+    pub passthrough_opens: u64,
+    /// Requests answered with `EIO`.
+    pub eios: u64,
+}
+
+/// Why a layer could not be mounted.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("mount options: {0}")]
+    Options(&'static str),
+    #[error("preparing the passthrough directory {path}")]
+    PassthroughDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mounting FUSE at {path}")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("starting the FUSE session at {path}")]
+    Session {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A layer as the filesystem needs it: its tree, its blob, and verified chunk bytes.
+///
+/// `estargz::Layer` is the one real implementation; tests build others by hand.
+pub(crate) trait LayerData: Send + Sync + fmt::Debug + 'static {
+    fn index(&self) -> &Index;
+    fn source(&self) -> &Arc<dyn ChunkSource>;
+    /// The chunk's uncompressed bytes, verified against its digest.
+    fn read_chunk(&self, chunk: &Chunk) -> Result<Vec<u8>, BoxError>;
+}
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub(crate) fn mount_data(
+    data: Arc<dyn LayerData>,
+    mountpoint: &Path,
+    opts: FsOptions,
+) -> Result<LayerMount, Error> {
+    if opts.threads == 0 {
+        return Err(Error::Options("threads must be at least 1"));
+    }
+    let passthrough = match &opts.passthrough_dir {
+        Some(dir) => Some(
+            Passthrough::new(dir).map_err(|source| Error::PassthroughDir {
+                path: dir.clone(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    if let Some(range) = &data.index().prefetch {
+        data.source().prefetch(range.clone());
+    }
+    let cache = Arc::new(ChunkCache::new(opts.cache_bytes));
+    let counters = Arc::new(Counters::default());
+    let fs = LayerFs {
+        data,
+        cache: cache.clone(),
+        counters: counters.clone(),
+        ttl: opts.ttl,
+        passthrough,
+    };
+    let session = session::Mounted::new(fs, mountpoint, opts.threads)?;
+    Ok(LayerMount {
+        mountpoint: mountpoint.to_path_buf(),
+        cache,
+        counters,
+        session: Some(session),
+    })
+}
+
+/// A mounted layer. Dropping it unmounts the layer and stops its session threads.
+pub struct LayerMount {
+    mountpoint: PathBuf,
+    cache: Arc<ChunkCache>,
+    counters: Arc<Counters>,
+    session: Option<session::Mounted>,
+}
+
+impl LayerMount {
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    pub fn stats(&self) -> FsStats {
+        let cache = self.cache.stats();
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        FsStats {
+            reads: load(&self.counters.reads),
+            bytes: load(&self.counters.bytes),
+            chunk_fetches: cache.fetches,
+            cache_hits: cache.hits + cache.joined,
+            passthrough_opens: load(&self.counters.passthrough_opens),
+            eios: load(&self.counters.eios),
+        }
+    }
+}
+
+impl fmt::Debug for LayerMount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LayerMount")
+            .field("mountpoint", &self.mountpoint)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Drop for LayerMount {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            session.unmount();
+        }
+    }
+}
+
+/// Counters shared by the session threads and the guard.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    reads: AtomicU64,
+    bytes: AtomicU64,
+    passthrough_opens: AtomicU64,
+    eios: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The filesystem's state, shared by every session thread.
+#[derive(Debug)]
+pub(crate) struct LayerFs {
+    data: Arc<dyn LayerData>,
+    cache: Arc<ChunkCache>,
+    counters: Arc<Counters>,
+    ttl: Duration,
+    /// `Some` while passthrough is wanted and possible; `init` clears it when the kernel
+    /// cannot do it.
+    passthrough: Option<Passthrough>,
+}
+
+impl LayerFs {
+    fn index(&self) -> &Index {
+        self.data.index()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,101 @@
+//! File bytes: a `read` becomes the chunks it overlaps, each from the [`ChunkCache`] or fetched,
+//! inflated and verified through the layer, then sliced into one reply.
+//!
+//! Every failure is `EIO` and is logged once, with the file's path, by the reader whose fetch
+//! failed; readers that were waiting on that fetch fail quietly.
+//!
+//! [`ChunkCache`]: crate::cache::ChunkCache
+
+use fuser::Errno;
+use tracing::warn;
+
+use super::{BoxError, Counters, LayerFs};
+use crate::cache::{ChunkKey, FetchError};
+use crate::index::{Chunk, Ino, Kind};
+
+impl LayerFs {
+    /// Up to `size` bytes of file `ino` from `offset`; fewer at the end of the file.
+    pub(super) fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        Counters::add(&self.counters.reads, 1);
+        let result = self.read_range(ino, offset, size);
+        match &result {
+            Ok(bytes) => Counters::add(&self.counters.bytes, bytes.len() as u64),
+            Err(errno) if *errno == Errno::EIO => Counters::add(&self.counters.eios, 1),
+            Err(_) => {}
+        }
+        result
+    }
+
+    fn read_range(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let node = self.node(ino)?;
+        match node.kind {
+            Kind::File => {}
+            Kind::Dir => return Err(Errno::EISDIR),
+            _ => return Err(Errno::EINVAL),
+        }
+        let end = offset.saturating_add(u64::from(size)).min(node.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let first = node
+            .chunks
+            .partition_point(|c| c.file_offset + c.size <= offset);
+        for chunk in node.chunks[first..]
+            .iter()
+            .take_while(|c| c.file_offset < end)
+        {
+            let bytes = self.chunk(ino, chunk)?;
+            let pos = offset + out.len() as u64;
+            let from = (pos - chunk.file_offset) as usize;
+            let to = (end.min(chunk.file_offset + chunk.size) - chunk.file_offset) as usize;
+            out.extend_from_slice(&bytes[from..to]);
+        }
+        if out.len() as u64 != end - offset {
+            // The index guarantees chunks cover the file without gaps; this is a bug, not data.
+            warn!(path = %self.path_of(ino), offset, "chunks do not cover the range read");
+            return Err(Errno::EIO);
+        }
+        Ok(out)
+    }
+
+    /// One chunk's verified bytes, exactly `chunk.size` of them.
+    fn chunk(&self, ino: Ino, chunk: &Chunk) -> Result<std::sync::Arc<[u8]>, Errno> {
+        let fetched = self.cache.get_or_fetch(ChunkKey::from(chunk), || {
+            let bytes = self.data.read_chunk(chunk)?;
+            if bytes.len() as u64 != chunk.size {
+                return Err(format!(
+                    "chunk inflated to {} bytes, the TOC says {}",
+                    bytes.len(),
+                    chunk.size
+                )
+                .into());
+            }
+            Ok(bytes)
+        });
+        fetched.map_err(|err: FetchError<BoxError>| {
+            if let FetchError::Failed(err) = err {
+                warn!(
+                    path = %self.path_of(ino),
+                    file_offset = chunk.file_offset,
+                    compressed = ?chunk.compressed,
+                    error = %chain(&*err),
+                    "reading a chunk failed",
+                );
+            }
+            Errno::EIO
+        })
+    }
+}
+
+/// An error and its sources, as one line.
+pub(super) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        line.push_str(": ");
+        line.push_str(&err.to_string());
+        source = err.source();
+    }
+    line
+}
