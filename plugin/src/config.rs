@@ -14,6 +14,7 @@ pub struct Config {
     pub node: NodeConfig,
     pub content: ContentSection,
     pub mirror: MirrorConfig,
+    pub fuse: FuseConfig,
     pub p2p: P2pConfig,
     pub registry: RegistryConfig,
     pub tracker: TrackerConfig,
@@ -84,6 +85,39 @@ impl Default for MirrorConfig {
     }
 }
 
+/// `[fuse]`: lazily mounted eStargz layers (remote snapshots).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FuseConfig {
+    /// Mount eStargz layers lazily; with `false` every layer is unpacked normally.
+    pub enabled: bool,
+    /// Inflated, verified chunks kept in memory, per mounted layer, in MiB.
+    pub cache_mib: u64,
+    /// Threads serving each layer's FUSE requests.
+    pub threads: usize,
+    /// How long one read waits for its pieces (from peers or the registry) before failing
+    /// with EIO; a read never hangs forever.
+    pub read_timeout_ms: u64,
+    /// Once a file's bytes are all local, let the kernel read it directly (FUSE passthrough,
+    /// Linux 6.9+); falls back to normal FUSE reads where the kernel refuses.
+    pub passthrough: bool,
+    /// At mount, fetch the files the image marks as needed first (`.prefetch.landmark`).
+    pub prefetch: bool,
+}
+
+impl Default for FuseConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            cache_mib: 64,
+            threads: 4,
+            read_timeout_ms: 30_000,
+            passthrough: true,
+            prefetch: true,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config file {path}")]
@@ -144,6 +178,12 @@ impl Config {
             return Err(
                 "content.info_timeout_ms and content.read_timeout_ms must be above 0".into(),
             );
+        }
+        if self.fuse.threads == 0 || self.fuse.threads > 256 {
+            return Err("fuse.threads must be between 1 and 256".into());
+        }
+        if self.fuse.read_timeout_ms == 0 {
+            return Err("fuse.read_timeout_ms must be above 0".into());
         }
         if self.mirror.stall_timeout_ms == 0 {
             return Err("mirror.stall_timeout_ms must be above 0".into());

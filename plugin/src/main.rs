@@ -30,6 +30,41 @@ enum Command {
     Seed,
     /// Run the tracker.
     Tracker,
+    /// Pull an image into containerd, mounting eStargz layers lazily (like `ctr-remote rpull`).
+    Pull(PullArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PullArgs {
+    /// The image, e.g. `registry.example.com/app:v1`.
+    image: String,
+    /// containerd's socket.
+    #[arg(long, short, default_value = "/run/containerd/containerd.sock")]
+    address: PathBuf,
+    #[arg(long, short, default_value = "default", env = "CONTAINERD_NAMESPACE")]
+    namespace: String,
+    /// The name of Shoal's snapshotter in containerd's `proxy_plugins`.
+    #[arg(long, default_value = "shoal")]
+    snapshotter: String,
+    /// The platform to pick from a multi-platform image.
+    #[arg(long, default_value_t = host_platform())]
+    platform: String,
+    /// The node's mirror (layers that are not lazy come through it, from the swarm);
+    /// default: `mirror.listen` from the config. `none` fetches from the registry directly.
+    #[arg(long)]
+    node: Option<String>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn host_platform() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    format!("linux/{arch}")
 }
 
 fn main() -> ExitCode {
@@ -68,6 +103,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(addr = %listener.local_addr()?, "tracker listening");
             shoal_p2p::tracker::run(listener, cfg.tracker, shutdown).await?;
         }
+        Command::Pull(args) => pull(cfg, args).await?,
+    }
+    Ok(())
+}
+
+async fn pull(cfg: Config, args: PullArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+
+    use shoal_plugin::pull::{self, Outcome, Progress, PullOptions};
+
+    let node = match args.node.as_deref() {
+        Some("none") => None,
+        Some(url) => Some(url.trim_end_matches('/').to_owned()),
+        None => Some(format!("http://{}", cfg.mirror.listen)),
+    };
+    let opts = PullOptions {
+        image: args.image,
+        address: args.address,
+        namespace: args.namespace,
+        snapshotter: args.snapshotter,
+        platform: args.platform,
+        node,
+    };
+    let upstream = shoal_p2p::upstream::Upstream::new(&cfg.registry)?;
+    let progress = Progress::new(!args.json && std::io::stderr().is_terminal());
+    let summary = pull::pull(&upstream, &opts, &progress).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+        return Ok(());
+    }
+    let count = |o| summary.layers.iter().filter(|l| l.outcome == o).count();
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    println!("{} ({})", summary.image, summary.manifest);
+    println!(
+        "layers: {} lazy ({:.1} MiB left to fetch on demand), {} unpacked, {} already present",
+        count(Outcome::Lazy),
+        mib(summary.lazy_bytes()),
+        count(Outcome::Unpacked),
+        count(Outcome::Present),
+    );
+    match (summary.from_peers, summary.from_upstream) {
+        (Some(peers), Some(upstream)) => println!(
+            "fetched by the node during the pull: {:.1} MiB from peers, {:.1} MiB from the registry",
+            mib(peers),
+            mib(upstream)
+        ),
+        _ => println!("fetched: node metrics unavailable"),
     }
     Ok(())
 }

@@ -17,8 +17,9 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::content::{self, ContentConfig, ContentStore};
+use crate::lazy::Lazy;
 use crate::mirror::{self, Mirror};
-use crate::snapshotter::{self, OverlaySnapshotter};
+use crate::snapshotter::{self, OverlaySnapshotter, RemoteSnapshotter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -92,7 +93,22 @@ pub async fn run(
     let grpc = if seed {
         None
     } else {
-        let snapshots = OverlaySnapshotter::open(&cfg.node.root.join("snapshotter"))?;
+        let overlay = OverlaySnapshotter::open(&cfg.node.root.join("snapshotter"))?;
+        let lazy = Arc::new(Lazy::new(
+            swarm.clone(),
+            cfg.fuse.clone(),
+            &cfg.node.root.join("lazy"),
+        ));
+        let snapshots = RemoteSnapshotter::new(overlay, Arc::clone(&lazy));
+        // Containers must never see an empty lower layer: remount before serving containerd.
+        let restored = snapshots.restore().await?;
+        if restored.mounted > 0 || !restored.failed.is_empty() {
+            info!(
+                mounted = restored.mounted,
+                failed = restored.failed.len(),
+                "lazy layers remounted"
+            );
+        }
         let contents = ContentStore::open(
             store,
             &cfg.node.root.join("content.redb"),
@@ -111,7 +127,7 @@ pub async fn run(
                 UnixListenerStream::new(socket),
                 shutdown.clone().cancelled_owned(),
             );
-        Some(tokio::spawn(server))
+        Some((tokio::spawn(server), lazy))
     };
     info!(
         role = if seed { "seed" } else { "node" },
@@ -131,8 +147,11 @@ pub async fn run(
     let served = mirror::run(mirror_listener, mirror, shutdown.clone()).await;
     shutdown.cancel();
     let _ = swarm_task.await;
-    if let Some(task) = grpc {
+    if let Some((task, lazy)) = grpc {
         let result = task.await;
+        tokio::task::spawn_blocking(move || lazy.unmount_all())
+            .await
+            .ok();
         let _ = std::fs::remove_file(&cfg.node.socket);
         if let Ok(result) = result {
             result?;

@@ -1,0 +1,255 @@
+//! Lazy layers on a node: eStargz blobs mounted through FUSE, their bytes fetched piece by
+//! piece through the swarm as containers read them.
+//!
+//! [`Lazy`] is the node's [`LazyLayers`]: it reads the labels containerd passes on `Prepare`
+//! (the layer digest and image from the CRI or `shoal pull`, the TOC digest from the layer's
+//! `containerd.io/snapshot/stargz/toc.digest` annotation), starts the blob's torrent, reads and
+//! verifies its TOC, and mounts it with `shoal-fuse`. The verification chain: the manifest's
+//! digest covers the TOC digest, the TOC digest covers every chunk digest, and every chunk is
+//! checked as it is inflated; pieces are checked against the metainfo before that.
+//!
+//! Fetch policy: a read wants the pieces under its chunk ahead of everything else
+//! ([`SwarmSource`]); at mount the prioritized files (up to `.prefetch.landmark`) are wanted next;
+//! the torrent fetches the rest of the blob in the background, so the node becomes a full seeder.
+
+mod source;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+use shoal_fuse::estargz::{self, Layer, Limits};
+use shoal_fuse::fs::{self as lazyfs, FsOptions, LayerMount};
+use shoal_p2p::Digest;
+use shoal_p2p::swarm::Swarm;
+use shoal_p2p::upstream::BlobSource;
+use tokio::runtime::Handle;
+use tracing::{info, warn};
+
+pub use self::source::SwarmSource;
+use crate::config::FuseConfig;
+use crate::reference::Reference;
+use crate::snapshotter::{Labels, LazyError, LazyLayers};
+
+/// The TOC digest, from the layer descriptor's annotation (containerd passes every
+/// `containerd.io/snapshot/` annotation on as a label).
+pub const TOC_DIGEST_LABEL: &str = estargz::TOC_DIGEST_ANNOTATION;
+/// The layer's digest and its image, as the CRI labels them.
+pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+/// The same, as stargz-snapshotter's `rpull` and BuildKit label them.
+const STARGZ_LAYER_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
+const STARGZ_IMAGE_REF: &str = "containerd.io/snapshot/remote/stargz.reference";
+
+/// Labels Shoal keeps on a lazily mounted snapshot, to mount it again after a restart.
+pub const LAZY_LAYER: &str = "shoal.dev/lazy.layer";
+pub const LAZY_TOC: &str = "shoal.dev/lazy.toc";
+pub const LAZY_SOURCE: &str = "shoal.dev/lazy.source";
+
+/// The node's lazy layers: opening, mounting, unmounting.
+#[derive(Debug)]
+pub struct Lazy {
+    swarm: Arc<Swarm>,
+    cfg: FuseConfig,
+    /// Per-snapshot directories for files materialized for FUSE passthrough.
+    passthrough_root: PathBuf,
+    runtime: Handle,
+    mounts: Mutex<HashMap<String, LayerMount>>,
+}
+
+/// A layer whose TOC is read and verified.
+#[derive(Debug)]
+pub struct OpenLayer {
+    layer: Arc<Layer>,
+    digest: Digest,
+    source: Option<BlobSource>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LazyLabelError {
+    #[error("label {label}: {value:?} is not a sha256 digest")]
+    Digest { label: &'static str, value: String },
+    #[error("label {label}: {source}")]
+    Reference {
+        label: &'static str,
+        #[source]
+        source: crate::reference::ReferenceError,
+    },
+    #[error("label {0} is missing")]
+    Missing(&'static str),
+}
+
+impl Lazy {
+    /// Must be called inside the tokio runtime that will serve the swarm.
+    pub fn new(swarm: Arc<Swarm>, cfg: FuseConfig, root: &Path) -> Self {
+        Self {
+            swarm,
+            cfg,
+            passthrough_root: root.join("passthrough"),
+            runtime: Handle::current(),
+            mounts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Unmounts every layer (at shutdown).
+    pub fn unmount_all(&self) {
+        let mounts: Vec<_> = self.lock().drain().collect();
+        drop(mounts);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, LayerMount>> {
+        self.mounts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn passthrough_dir(&self, name: &str) -> PathBuf {
+        let hash = Sha256::digest(name.as_bytes());
+        self.passthrough_root.join(hex::encode(&hash[..12]))
+    }
+
+    async fn open_blob(
+        &self,
+        digest: Digest,
+        source: Option<BlobSource>,
+        toc: String,
+    ) -> Result<OpenLayer, LazyError> {
+        let blob = self.swarm.fetch(digest, source.clone()).await?;
+        let chunks = SwarmSource {
+            blob,
+            swarm: Arc::clone(&self.swarm),
+            upstream: source.clone(),
+            runtime: self.runtime.clone(),
+            timeout: Duration::from_millis(self.cfg.read_timeout_ms),
+        };
+        // Reading the footer and TOC blocks on the runtime: off its worker threads.
+        let layer = tokio::task::spawn_blocking(move || {
+            Layer::open(Arc::new(chunks), Some(&toc), &Limits::default())
+        })
+        .await??;
+        Ok(OpenLayer {
+            layer: Arc::new(layer),
+            digest,
+            source,
+        })
+    }
+}
+
+fn digest_label(labels: &Labels, names: &[&'static str]) -> Result<Option<Digest>, LazyError> {
+    for &label in names {
+        if let Some(value) = labels.get(label) {
+            return value.parse().map(Some).map_err(|_| {
+                LazyLabelError::Digest {
+                    label,
+                    value: value.chars().take(100).collect(),
+                }
+                .into()
+            });
+        }
+    }
+    Ok(None)
+}
+
+fn source_label(labels: &Labels, names: &[&'static str]) -> Result<Option<BlobSource>, LazyError> {
+    for &label in names {
+        if let Some(value) = labels.get(label) {
+            let reference: Reference = value
+                .parse()
+                .map_err(|source| LazyLabelError::Reference { label, source })?;
+            return Ok(Some(reference.source()));
+        }
+    }
+    Ok(None)
+}
+
+impl LazyLayers for Lazy {
+    type Layer = OpenLayer;
+
+    async fn open(&self, labels: &Labels) -> Result<Option<OpenLayer>, LazyError> {
+        if !self.cfg.enabled {
+            return Ok(None);
+        }
+        let Some(toc) = labels.get(TOC_DIGEST_LABEL) else {
+            return Ok(None);
+        };
+        let Some(digest) = digest_label(labels, &[CRI_LAYER_DIGEST, STARGZ_LAYER_DIGEST])? else {
+            return Ok(None);
+        };
+        let source = source_label(labels, &[CRI_IMAGE_REF, STARGZ_IMAGE_REF])?;
+        self.open_blob(digest, source, toc.clone()).await.map(Some)
+    }
+
+    fn persist(&self, layer: &OpenLayer) -> Labels {
+        let mut labels = Labels::from([
+            (LAZY_LAYER.to_owned(), layer.digest.to_string()),
+            (LAZY_TOC.to_owned(), layer.layer.toc_digest().to_owned()),
+        ]);
+        if let Some(source) = &layer.source {
+            labels.insert(LAZY_SOURCE.to_owned(), source.to_string());
+        }
+        labels
+    }
+
+    fn is_lazy(&self, labels: &Labels) -> bool {
+        labels.contains_key(LAZY_LAYER)
+    }
+
+    async fn reopen(&self, labels: &Labels) -> Result<OpenLayer, LazyError> {
+        let digest =
+            digest_label(labels, &[LAZY_LAYER])?.ok_or(LazyLabelError::Missing(LAZY_LAYER))?;
+        let toc = labels
+            .get(LAZY_TOC)
+            .ok_or(LazyLabelError::Missing(LAZY_TOC))?;
+        let source = source_label(labels, &[LAZY_SOURCE])?;
+        self.open_blob(digest, source, toc.clone()).await
+    }
+
+    async fn mount(&self, name: &str, layer: OpenLayer, dir: &Path) -> Result<(), LazyError> {
+        if self.lock().contains_key(name) {
+            return Err(format!("snapshot {name:?} is mounted already").into());
+        }
+        let passthrough_dir = if self.cfg.passthrough {
+            let dir = self.passthrough_dir(name);
+            std::fs::create_dir_all(&dir)?;
+            Some(dir)
+        } else {
+            None
+        };
+        let opts = FsOptions {
+            cache_bytes: self.cfg.cache_mib.saturating_mul(1 << 20),
+            threads: self.cfg.threads,
+            passthrough_dir,
+            ..FsOptions::default()
+        };
+        let fs_layer = Arc::clone(&layer.layer);
+        let at = dir.to_owned();
+        let mount =
+            tokio::task::spawn_blocking(move || lazyfs::mount(fs_layer, &at, opts)).await??;
+        if self.cfg.prefetch
+            && let Some(range) = layer.layer.index().prefetch.clone()
+        {
+            info!(
+                snapshot = name,
+                bytes = range.end,
+                "prefetching the prioritized files"
+            );
+            self.swarm.want(&layer.digest, range);
+        }
+        self.lock().insert(name.to_owned(), mount);
+        Ok(())
+    }
+
+    fn unmount(&self, name: &str, dir: &Path) {
+        let mount = self.lock().remove(name);
+        drop(mount);
+        if let Err(e) = lazyfs::unmount_stale(dir) {
+            warn!(snapshot = name, dir = %dir.display(), error = %e, "unmounting a lazy layer");
+        }
+        let passthrough = self.passthrough_dir(name);
+        if let Err(e) = std::fs::remove_dir_all(&passthrough)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(dir = %passthrough.display(), error = %e, "removing passthrough files");
+        }
+    }
+}
