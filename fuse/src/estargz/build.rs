@@ -31,6 +31,9 @@ use crate::index::{Chunk, Index, Ino, Kind, Node, ROOT};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
+/// An extended attribute: name, value.
+type Xattr = (Vec<u8>, Vec<u8>);
+
 const OPAQUE_XATTRS: [&[u8]; 2] = [b"trusted.overlay.opaque", b"user.overlay.opaque"];
 
 /// Decodes TOC JSON and builds the layer's [`Index`]. `toc_offset` is where the TOC member
@@ -514,7 +517,7 @@ fn mtime(e: &TocEntry) -> Result<std::time::SystemTime, Error> {
         .ok_or_else(|| Error::entry(&e.name, Problem::BadModTime(e.mod_time.clone())))
 }
 
-fn xattrs(e: &TocEntry) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+fn xattrs(e: &TocEntry) -> Result<Vec<Xattr>, Error> {
     let b64 = base64::engine::general_purpose::STANDARD;
     // A BTreeMap: already sorted by name.
     (e.xattrs.iter())

@@ -74,11 +74,11 @@ impl Layer {
         let json = inflate_toc(&compressed, limits)?;
 
         let actual = sha256_digest(&json);
-        if let Some(expected) = expected {
-            if Sha256::digest(&json).as_slice() != expected {
-                let expected = format!("sha256:{}", hex::encode(expected));
-                return Err(Error::TocDigestMismatch { expected, actual });
-            }
+        if let Some(expected) = expected
+            && Sha256::digest(&json).as_slice() != expected
+        {
+            let expected = format!("sha256:{}", hex::encode(expected));
+            return Err(Error::TocDigestMismatch { expected, actual });
         }
         let index = build::parse_toc(&json, footer.toc_offset, limits)?;
         Ok(Layer {

@@ -375,10 +375,10 @@ fn pick(
     if picked[i] {
         return;
     }
-    if let Some(toc) = entries[i].toc.as_ref().filter(|t| t.kind == "hardlink") {
-        if let Ok(target) = normalize(&toc.link_name) {
-            pick(entries, last, &target, picked, out, depth + 1);
-        }
+    if let Some(toc) = entries[i].toc.as_ref().filter(|t| t.kind == "hardlink")
+        && let Ok(target) = normalize(&toc.link_name)
+    {
+        pick(entries, last, &target, picked, out, depth + 1);
     }
     if !picked[i] {
         picked[i] = true;
