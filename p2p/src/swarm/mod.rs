@@ -56,7 +56,7 @@ pub struct P2pConfig {
     pub upstream_concurrency: usize,
     /// Pieces being sent to peers at once, over all connections (bounds upload memory).
     pub max_uploads: usize,
-    /// Ingress and egress caps in Mbit/s; 0 means unlimited.
+    /// Ingress and egress caps in Mbit/s; 0 means unlimited. Ingress covers the registry too.
     pub ingress_mbit: u64,
     pub egress_mbit: u64,
     /// When the tracker is unreachable, fetch pieces no known peer has from upstream.

@@ -61,6 +61,9 @@ impl Torrent {
                 source.clone(),
             );
             self.ctx.tasks.spawn(async move {
+                let len = (range.end - range.start) as usize;
+                // The registry's bytes count against the node's ingress cap like a peer's.
+                ctx.ingress.acquire(len).await;
                 let result = ctx
                     .upstream
                     .fetch_range(&source, &digest, range)

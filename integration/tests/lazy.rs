@@ -1,0 +1,261 @@
+//! Lazy start end to end, with real containerd, docker-registry, FUSE and overlayfs: an image is
+//! built, converted with `shoal convert`, pushed, pulled with `shoal pull` (remote snapshots), and
+//! a container runs on it and prints its line while most of its big layer is still in the
+//! registry. The node is restarted with the container's image in place and the layer mounts
+//! again. A second node reads the same layer lazily from the first one, not from the registry.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use shoal_integration::containerd::shoal_proxy_config;
+use shoal_integration::shoal::{Node, NodeOptions, Tracker};
+use shoal_integration::{Containerd, ImageBuilder, Registry, caps, random_bytes, shoal_bin};
+
+/// Runs `shoal` with `args`, failing with its stderr.
+fn shoal(config: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(shoal_bin()?)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "shoal {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn pull(node: &Node, containerd: &Containerd, image: &str) -> Result<serde_json::Value> {
+    let config = node.root.parent().context("node home")?.join("shoal.toml");
+    let address = containerd.address().display().to_string();
+    let mirror = node.mirror_url();
+    let out = shoal(
+        &config,
+        &[
+            "pull",
+            "--json",
+            "--address",
+            &address,
+            "--namespace",
+            containerd.namespace(),
+            "--node",
+            &mirror,
+            image,
+        ],
+    )?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// Layers `shoal pull` reported with `outcome`.
+fn outcomes(summary: &serde_json::Value, outcome: &str) -> usize {
+    summary["layers"]
+        .as_array()
+        .map(|l| l.iter().filter(|l| l["outcome"] == outcome).count())
+        .unwrap_or(0)
+}
+
+fn fuse_mounts(root: &Path) -> Result<usize> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    let root = root.display().to_string();
+    Ok(mounts
+        .lines()
+        .filter(|l| l.contains(&root) && l.contains("fuse"))
+        .count())
+}
+
+/// The converted image of the tests: busybox plus a 48 MiB layer of which the entrypoint
+/// reads one small file and the first KiB of a big one.
+fn lazy_image(dir: &Path, registry: &Registry) -> Result<String> {
+    ImageBuilder::new()
+        .busybox()
+        .layer([
+            ("data/small", b"hello from a lazy layer\n".to_vec()),
+            ("data/big", random_bytes(7, 48 << 20)),
+        ])
+        .compression_level(1)
+        .cmd(&[
+            "/bin/sh",
+            "-c",
+            "cat /data/small; head -c 1024 /data/big | wc -c",
+        ])
+        .build(&dir.join("image"))?
+        .push(&registry.addr(), "test/lazy:plain")?;
+    let config = dir.join("convert.toml");
+    std::fs::write(
+        &config,
+        format!("[registry]\ninsecure = [{:?}]\n", registry.addr()),
+    )?;
+    let converted = format!("{}/test/lazy:esgz", registry.addr());
+    shoal(
+        &config,
+        &[
+            "convert",
+            &format!("{}/test/lazy:plain", registry.addr()),
+            &converted,
+        ],
+    )?;
+    Ok(converted)
+}
+
+const NEEDS: &[&str] = &["docker-registry", "skopeo", "containerd", "ctr", "runc"];
+
+#[test]
+fn a_container_starts_before_its_layer_has_arrived() -> Result<()> {
+    if let Some(why) = caps::missing(NEEDS).or_else(caps::missing_fuse) {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let registry = Registry::start(&dir.join("registry"))?;
+    let image = lazy_image(dir, &registry)?;
+    // 16 Mbit/s into the node: the 48 MiB layer needs about half a minute to arrive whole.
+    let opts = NodeOptions {
+        insecure: vec![registry.addr()],
+        extra: "ingress_mbit = 16\n".into(),
+        ..NodeOptions::default()
+    };
+    let mut node = Node::start(dir, "node", &opts)?;
+    let containerd = Containerd::start(&dir.join("containerd"), &shoal_proxy_config(&node.socket))?;
+
+    let summary = pull(&node, &containerd, &image)?;
+    ensure!(
+        outcomes(&summary, "lazy") == 2,
+        "both layers should be lazy: {summary}"
+    );
+    let out = containerd.run_with(&["--rm", "--snapshotter", "shoal"], &image, "lazy-1", &[])?;
+    let fetched = node.metric("shoal_swarm_bytes_from_upstream_total")?;
+    ensure!(
+        out == "hello from a lazy layer\n1024\n",
+        "container printed {out:?}"
+    );
+    let total: u64 = summary["layers"]
+        .as_array()
+        .context("layers")?
+        .iter()
+        .filter_map(|l| l["size"].as_u64())
+        .sum();
+    ensure!(
+        fetched < total as f64 / 2.0,
+        "the container printed after {fetched} of {total} layer bytes were fetched: not lazy"
+    );
+    ensure!(fuse_mounts(&node.root)? == 2, "expected two FUSE layers");
+
+    // Restart: the lazy layers are mounted again before containerd is served.
+    node.child.stop()?;
+    ensure!(
+        fuse_mounts(&node.root)? == 0,
+        "a stopped node leaves no mounts"
+    );
+    node = Node::start(dir, "node", &opts)?;
+    ensure!(
+        fuse_mounts(&node.root)? == 2,
+        "the layers are mounted again"
+    );
+    shoal_integration::wait_until(Duration::from_secs(10), "containerd to reconnect", || {
+        Ok(containerd
+            .ctr(&["snapshots", "--snapshotter", "shoal", "ls"])?
+            .status
+            .success())
+    })?;
+    let out = containerd.run_with(&["--rm", "--snapshotter", "shoal"], &image, "lazy-2", &[])?;
+    ensure!(
+        out == "hello from a lazy layer\n1024\n",
+        "after a restart the container printed {out:?}"
+    );
+
+    // Removing the image and collecting garbage unmounts and deletes the lazy snapshots.
+    containerd.ctr_ok(&["image", "rm", "--sync", &image])?;
+    shoal_integration::wait_until(Duration::from_secs(10), "lazy layers to unmount", || {
+        Ok(fuse_mounts(&node.root)? == 0)
+    })?;
+    Ok(())
+}
+
+#[test]
+fn lazy_reads_on_a_second_node_come_from_the_first() -> Result<()> {
+    if let Some(why) = caps::missing(NEEDS).or_else(caps::missing_fuse) {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let registry = Registry::start(&dir.join("registry"))?;
+    let image = lazy_image(dir, &registry)?;
+    let tracker = Tracker::start(dir)?;
+    let opts = NodeOptions {
+        insecure: vec![registry.addr()],
+        tracker: Some(tracker.url()),
+        ..NodeOptions::default()
+    };
+    let first = Node::start(dir, "first", &opts)?;
+    let first_containerd = Containerd::start(
+        &dir.join("containerd-1"),
+        &shoal_proxy_config(&first.socket),
+    )?;
+    let first_summary = pull(&first, &first_containerd, &image)?;
+    let out = first_containerd.run_with(&["--rm", "--snapshotter", "shoal"], &image, "a", &[])?;
+    ensure!(
+        out == "hello from a lazy layer\n1024\n",
+        "first node printed {out:?}"
+    );
+    // The first node's background fetch makes it a full seeder of both layers.
+    shoal_integration::wait_until(
+        Duration::from_secs(30),
+        "the first node to hold both layers",
+        || Ok(first.metric("shoal_swarm_blobs_completed_total")? >= 2.0),
+    )?;
+    let layers: Vec<String> = pull_layers(&first_summary);
+    let served_before = layer_bytes_served(&registry, &layers)?;
+
+    let second = Node::start(dir, "second", &opts)?;
+    let second_containerd = Containerd::start(
+        &dir.join("containerd-2"),
+        &shoal_proxy_config(&second.socket),
+    )?;
+    let summary = pull(&second, &second_containerd, &image)?;
+    ensure!(
+        outcomes(&summary, "lazy") == 2,
+        "lazy on the second node: {summary}"
+    );
+    let out = second_containerd.run_with(&["--rm", "--snapshotter", "shoal"], &image, "b", &[])?;
+    ensure!(
+        out == "hello from a lazy layer\n1024\n",
+        "second node printed {out:?}"
+    );
+    let from_peers = second.metric("shoal_swarm_bytes_from_peers_total")?;
+    let from_upstream = second.metric("shoal_swarm_bytes_from_upstream_total")?;
+    ensure!(
+        from_peers > 0.0 && from_upstream == 0.0,
+        "second node: {from_peers} bytes from peers, {from_upstream} from the registry"
+    );
+    ensure!(
+        layer_bytes_served(&registry, &layers)? == served_before,
+        "the registry served layer bytes to the second node"
+    );
+    Ok(())
+}
+
+fn pull_layers(summary: &serde_json::Value) -> Vec<String> {
+    summary["layers"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|l| l["digest"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Layer bytes the registry has served so far (the image's config and manifests are not
+/// counted: `shoal pull` reads those from the registry itself).
+fn layer_bytes_served(registry: &Registry, layers: &[String]) -> Result<u64> {
+    let mut total = 0;
+    for digest in layers {
+        total += registry.blob_bytes_served(digest)?;
+    }
+    Ok(total)
+}
