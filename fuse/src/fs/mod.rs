@@ -118,6 +118,29 @@ pub(crate) trait LayerData: Send + Sync + fmt::Debug + 'static {
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Mounts `layer` read-only at `mountpoint`, serving it until the returned guard is dropped.
+pub fn mount(
+    layer: Arc<crate::estargz::Layer>,
+    mountpoint: &Path,
+    opts: FsOptions,
+) -> Result<LayerMount, Error> {
+    mount_data(layer, mountpoint, opts)
+}
+
+impl LayerData for crate::estargz::Layer {
+    fn index(&self) -> &Index {
+        crate::estargz::Layer::index(self)
+    }
+
+    fn source(&self) -> &Arc<dyn ChunkSource> {
+        crate::estargz::Layer::source(self)
+    }
+
+    fn read_chunk(&self, chunk: &Chunk) -> Result<Vec<u8>, BoxError> {
+        Ok(crate::estargz::Layer::read_chunk(self, chunk)?)
+    }
+}
+
 pub(crate) fn mount_data(
     data: Arc<dyn LayerData>,
     mountpoint: &Path,

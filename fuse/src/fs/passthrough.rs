@@ -113,9 +113,10 @@ impl Passthrough {
         let Some(backing) = &slot.backing else {
             return Err(reply);
         };
+        // Counted before replying: once the kernel has the reply, the caller may look.
+        Counters::add(&fs.counters.passthrough_opens, 1);
         reply.opened_passthrough(FileHandle(PASSTHROUGH_FH), FopenFlags::empty(), backing);
         slot.opens += 1;
-        Counters::add(&fs.counters.passthrough_opens, 1);
         Ok(())
     }
 
