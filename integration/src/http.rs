@@ -64,3 +64,25 @@ pub fn get_text(url: &str) -> Result<String> {
     }
     String::from_utf8(resp.body).with_context(|| format!("GET {url}: body is not UTF-8"))
 }
+
+/// PUTs `body` to `url` with `content_type`, failing on a non-2xx status (pushing a manifest).
+pub fn put(url: &str, content_type: &str, body: Vec<u8>) -> Result<()> {
+    thread::scope(|s| {
+        s.spawn(|| {
+            let response = reqwest::blocking::Client::new()
+                .put(url)
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(body)
+                .send()
+                .with_context(|| format!("PUT {url}"))?;
+            let status = response.status();
+            if !status.is_success() {
+                let text = response.text().unwrap_or_default();
+                return Err(anyhow!("PUT {url}: HTTP {status}: {text}"));
+            }
+            Ok(())
+        })
+        .join()
+        .map_err(|_| anyhow!("the thread putting {url} panicked"))?
+    })
+}

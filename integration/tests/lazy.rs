@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use shoal_integration::containerd::shoal_proxy_config;
 use shoal_integration::shoal::{Node, NodeOptions, Tracker};
-use shoal_integration::{Containerd, ImageBuilder, Registry, caps, random_bytes, shoal_bin};
+use shoal_integration::{Containerd, ImageBuilder, Registry, caps, http, random_bytes, shoal_bin};
 
 /// Runs `shoal` with `args`, failing with its stderr.
 fn shoal(config: &Path, args: &[&str]) -> Result<String> {
@@ -235,6 +235,58 @@ fn lazy_reads_on_a_second_node_come_from_the_first() -> Result<()> {
     ensure!(
         layer_bytes_served(&registry, &layers)? == served_before,
         "the registry served layer bytes to the second node"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_layer_whose_toc_lies_is_unpacked_normally() -> Result<()> {
+    if let Some(why) = caps::missing(NEEDS).or_else(caps::missing_fuse) {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let registry = Registry::start(&dir.join("registry"))?;
+    let image = lazy_image(dir, &registry)?;
+    // The same image, but its data layer's manifest entry names another TOC digest: the TOC
+    // the layer holds no longer matches what the manifest vouches for.
+    let oci = "application/vnd.oci.image.manifest.v1+json";
+    let url = format!("{}/v2/test/lazy/manifests/", registry.url());
+    let manifest = http::get(&format!("{url}esgz"), Some(oci), Duration::from_secs(10))?;
+    let mut manifest: serde_json::Value = serde_json::from_slice(&manifest.body)?;
+    let annotation = "containerd.io/snapshot/stargz/toc.digest";
+    let data_layer = &mut manifest["layers"][1]["annotations"][annotation];
+    ensure!(
+        data_layer.is_string(),
+        "converted layer without a TOC digest"
+    );
+    *data_layer = format!("sha256:{}", "0".repeat(64)).into();
+    http::put(&format!("{url}lying"), oci, serde_json::to_vec(&manifest)?)?;
+    let lying = format!("{}/test/lazy:lying", registry.addr());
+
+    let node = Node::start(
+        dir,
+        "node",
+        &NodeOptions {
+            insecure: vec![registry.addr()],
+            ..NodeOptions::default()
+        },
+    )?;
+    let containerd = Containerd::start(&dir.join("containerd"), &shoal_proxy_config(&node.socket))?;
+    let summary = pull(&node, &containerd, &lying)?;
+    ensure!(
+        outcomes(&summary, "lazy") == 1 && outcomes(&summary, "unpacked") == 1,
+        "the lying layer must be unpacked, the other mounted lazily: {summary}"
+    );
+    let out = containerd.run_with(&["--rm", "--snapshotter", "shoal"], &lying, "lying", &[])?;
+    ensure!(
+        out == "hello from a lazy layer\n1024\n",
+        "container printed {out:?}"
+    );
+    ensure!(
+        fuse_mounts(&node.root)? == 1,
+        "only the honest layer is a FUSE mount"
     );
     Ok(())
 }
