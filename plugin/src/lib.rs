@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod content;
+pub mod convert;
 pub mod filters;
 mod grpc;
 pub mod labels;

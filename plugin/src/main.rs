@@ -32,6 +32,35 @@ enum Command {
     Tracker,
     /// Pull an image into containerd, mounting eStargz layers lazily (like `ctr-remote rpull`).
     Pull(PullArgs),
+    /// Convert every layer of an image to eStargz, for lazy pulling; the result is still a
+    /// valid image for any runtime. SRC and DST are `host[:port]/repo[:tag|@digest]` or
+    /// `oci:DIR[:TAG]` (an OCI image layout).
+    Convert(ConvertArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ConvertArgs {
+    /// The image to convert.
+    src: String,
+    /// Where to write the converted image (a tag, not a digest).
+    dst: String,
+    /// A file of paths (one per line, as in the image: `bin/sh`) that containers read first;
+    /// every layer that has them puts them first and is prefetched up to them.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_prefetch")]
+    prioritize: Option<PathBuf>,
+    /// Mark every layer as not worth prefetching (the default without --prioritize).
+    #[arg(long)]
+    no_prefetch: bool,
+    /// Uncompressed bytes per eStargz chunk, the unit of lazy fetching.
+    #[arg(long, default_value_t = 4 << 20)]
+    chunk_size: u64,
+    /// Convert only this platform of a multi-platform image (`linux/arm64`; repeatable);
+    /// default: every Linux one.
+    #[arg(long)]
+    platform: Vec<String>,
+    /// Where layers are staged while converting (default: the system's temp dir).
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,6 +133,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shoal_p2p::tracker::run(listener, cfg.tracker, shutdown).await?;
         }
         Command::Pull(args) => pull(cfg, args).await?,
+        Command::Convert(args) => {
+            tokio::select! {
+                result = convert(cfg, args) => result?,
+                () = shutdown.cancelled() => anyhow::bail!("interrupted"),
+            }
+        }
     }
     Ok(())
 }
@@ -151,6 +186,28 @@ async fn pull(cfg: Config, args: PullArgs) -> anyhow::Result<()> {
         ),
         _ => println!("fetched: node metrics unavailable"),
     }
+    Ok(())
+}
+
+async fn convert(cfg: Config, args: ConvertArgs) -> anyhow::Result<()> {
+    use shoal_plugin::convert::{self, ConvertOptions, ImageRef, Progress};
+
+    let src: ImageRef = args.src.parse()?;
+    let dst: ImageRef = args.dst.parse()?;
+    let prioritized = match &args.prioritize {
+        Some(path) if !args.no_prefetch => convert::read_path_list(path)?,
+        _ => Vec::new(),
+    };
+    let opts = ConvertOptions {
+        chunk_size: args.chunk_size,
+        prioritized,
+        platforms: args.platform,
+        work_dir: args.work_dir,
+        ..ConvertOptions::default()
+    };
+    let upstream = shoal_p2p::upstream::Upstream::new(&cfg.registry)?;
+    let converted = convert::convert(&upstream, &src, &dst, &opts, &Progress::stderr()).await?;
+    println!("{converted}");
     Ok(())
 }
 
