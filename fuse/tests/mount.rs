@@ -238,12 +238,12 @@ fn overlay_over_layers_matches_overlay_over_unpacked() -> anyhow::Result<()> {
     let reference = Overlay::mount(&[&p("ref-upper"), &p("ref-lower")], &p("ref"))?;
 
     let (lower_blob, upper_blob) = (blob(&lower)?, blob(&upper)?);
-    let lower_mnt = mount_blob(
-        &lower_blob,
-        local(&lower_blob)?,
-        &p("lower"),
-        FsOptions::default(),
-    )?;
+    // The lower layer with passthrough: overlayfs must stack on it all the same.
+    let passthrough = FsOptions {
+        passthrough_dir: Some(p("copies")),
+        ..FsOptions::default()
+    };
+    let lower_mnt = mount_blob(&lower_blob, local(&lower_blob)?, &p("lower"), passthrough)?;
     let upper_mnt = mount_blob(
         &upper_blob,
         local(&upper_blob)?,
@@ -273,6 +273,13 @@ fn overlay_over_layers_matches_overlay_over_unpacked() -> anyhow::Result<()> {
         if wm.is_file() {
             ensure!(fs::read(&w)? == fs::read(&g)?, "{rel:?}: bytes differ");
         }
+    }
+    // `x` was read through overlayfs from the passthrough copy (unless the kernel refuses).
+    let lower_stats = lower_mnt.stats();
+    if lower_stats.passthrough_opens == 0 {
+        eprintln!("passthrough refused by the kernel: {lower_stats:?}");
+    } else {
+        ensure!(lower_stats.reads == 0, "{lower_stats:?}");
     }
     // Overlays first: a FUSE layer under a live overlay cannot go.
     drop((merged, reference));
