@@ -316,3 +316,134 @@ fn tree(root: &Path) -> Result<BTreeMap<PathBuf, (u32, Vec<u8>)>> {
     }
     Ok(out)
 }
+
+#[test]
+fn converts_an_index_and_a_docker_manifest() -> Result<()> {
+    if let Some(why) = caps::missing(&["docker-registry", "skopeo"]) {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let image = builder().build(&dir.join("image"))?;
+    let layout = &image.layout;
+    let blob = |digest: &str| -> Result<Vec<u8>> {
+        let hex = digest.strip_prefix("sha256:").context("not sha256")?;
+        Ok(std::fs::read(layout.join("blobs/sha256").join(hex))?)
+    };
+    // An index over the image for this machine's platform, and a Windows entry to leave out.
+    let config: Value = serde_json::from_slice(&blob(&image.config_digest)?)?;
+    let manifest_size = blob(&image.manifest_digest)?.len();
+    let entry = |os: &str, arch: &Value| {
+        serde_json::json!({
+            "mediaType": MANIFEST_MEDIA_TYPE,
+            "digest": image.manifest_digest,
+            "size": manifest_size,
+            "platform": {"os": os, "architecture": arch},
+        })
+    };
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry("linux", &config["architecture"]), entry("windows", &"amd64".into())],
+    }))?;
+    let index_digest = sha256(&index);
+    std::fs::write(layout.join("blobs/sha256").join(&index_digest[7..]), &index)?;
+    let mut top: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
+    top["manifests"]
+        .as_array_mut()
+        .context("no manifests")?
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": index_digest,
+            "size": index.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "multi"},
+        }));
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&top)?)?;
+
+    let out = dir.join("out");
+    let digest = convert(
+        None,
+        &[
+            &format!("oci:{}:multi", layout.display()),
+            &format!("oci:{}:multi", out.display()),
+        ],
+    )?;
+    let new_index: Value =
+        serde_json::from_slice(&std::fs::read(out.join("blobs/sha256").join(&digest[7..]))?)?;
+    ensure!(
+        new_index["mediaType"] == "application/vnd.oci.image.index.v1+json",
+        "{new_index}"
+    );
+    let entries = new_index["manifests"].as_array().context("no manifests")?;
+    ensure!(entries.len() == 1, "windows was not left out: {new_index}");
+    ensure!(entries[0]["platform"]["os"] == "linux", "{new_index}");
+    ensure!(
+        entries[0]["digest"] != image.manifest_digest.as_str(),
+        "{new_index}"
+    );
+    proc::run_ok(
+        Command::new("skopeo").args(["inspect", &format!("oci:{}:multi", out.display())]),
+        Duration::from_secs(60),
+    )?;
+    // Asking for a platform the index lacks fails and says so.
+    let mut cmd = Command::new(shoal_bin()?);
+    cmd.args([
+        "convert",
+        "--platform",
+        "linux/s390x",
+        &format!("oci:{}:multi", layout.display()),
+        &format!("oci:{}:none", out.display()),
+    ]);
+    let failed = proc::run(&mut cmd, CONVERT_TIMEOUT)?;
+    ensure!(
+        !failed.status.success() && String::from_utf8_lossy(&failed.stderr).contains("linux/s390x"),
+        "{failed:?}"
+    );
+
+    // A Docker schema 2 manifest in a registry becomes an OCI one.
+    let registry = Registry::start(&dir.join("registry"))?;
+    proc::run_ok(
+        Command::new("skopeo").args([
+            "copy",
+            "--quiet",
+            "--insecure-policy",
+            "--format",
+            "v2s2",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:latest", layout.display()),
+            &format!("docker://{}/demo:docker", registry.addr()),
+        ]),
+        Duration::from_secs(120),
+    )?;
+    let config_file = dir.join("shoal.toml");
+    std::fs::write(
+        &config_file,
+        format!("[registry]\ninsecure = [{:?}]\n", registry.addr()),
+    )?;
+    let digest = convert(
+        Some(&config_file),
+        &[
+            &format!("{}/demo:docker", registry.addr()),
+            &format!("{}/demo:esgz", registry.addr()),
+        ],
+    )?;
+    let manifest: Value = serde_json::from_slice(&get_ok(
+        &format!("{}/v2/demo/manifests/{digest}", registry.url()),
+        Some(MANIFEST_MEDIA_TYPE),
+    )?)?;
+    ensure!(manifest["mediaType"] == MANIFEST_MEDIA_TYPE, "{manifest}");
+    ensure!(
+        manifest["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json",
+        "{manifest}"
+    );
+    let layers = manifest["layers"].as_array().context("no layers")?;
+    ensure!(
+        layers.len() == 3
+            && layers
+                .iter()
+                .all(|l| l["annotations"][TOC_DIGEST].is_string()),
+        "{manifest}"
+    );
+    Ok(())
+}
