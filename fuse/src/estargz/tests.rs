@@ -557,3 +557,79 @@ fn refuses_bad_options_and_unsafe_input() -> Result<()> {
     assert!(matches!(err, Some(Error::InputEntry { .. })), "{err:?}");
     Ok(())
 }
+
+/// A blob made by stargz-snapshotter's own `estargz.Build` (see `testdata/reference.go`):
+/// chunked file, implicit directory, hard link, whiteout, device, xattr, prefetch landmark.
+#[test]
+fn reads_a_blob_made_by_the_reference_writer() -> Result<()> {
+    const TOC_DIGEST: &str =
+        "sha256:782d746952ff502a457369074e2805a7d05cbf715688a7e9825f54bd7c7fbb3a";
+    const DIFF_ID: &str = "sha256:0d3b77d8d169b96fe20871193c66b9afd2517519ee314b4c1f825fcc5b1542f0";
+    let blob = include_bytes!("testdata/reference.stargz");
+    assert_eq!(sha256(&inflate(blob)?), DIFF_ID);
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("blob"), blob)?;
+    let source = Arc::new(FileSource::open(&dir.path().join("blob"))?);
+    let layer = Layer::open(source, Some(TOC_DIGEST), &Limits::default())?;
+    let index = layer.index();
+
+    let hello = node(index, "etc/hello")?;
+    assert_eq!(read_file(&layer, hello)?, b"hello, world\n");
+    assert_eq!(
+        (hello.uid, hello.gid, hello.nlink, hello.mode),
+        (1, 2, 2, 0o644)
+    );
+    let big = node(index, "bin/big")?;
+    let want: Vec<u8> = (0..3000usize).map(|i| (i * 7 + i / 13) as u8).collect();
+    assert_eq!(read_file(&layer, big)?, want);
+    assert_eq!(
+        big.chunks.iter().map(|c| c.size).collect::<Vec<_>>(),
+        [1024, 1024, 952]
+    );
+    assert_eq!(big.mode, 0o4755);
+    assert_eq!(node(index, "bin")?.mode, 0o755, "implicit directory");
+    assert_eq!(node(index, "bin/link")?.target, b"big");
+    assert_eq!(node(index, "etc/gone")?.kind, Kind::CharDevice);
+    assert_eq!(node(index, "dev/null")?.rdev, 0x103);
+    assert_eq!(
+        node(index, "x")?.xattrs,
+        [(b"user.k".to_vec(), b"v".to_vec())]
+    );
+    assert_eq!(read_file(&layer, node(index, "x")?)?, b"xattr file");
+    let prefetch = index.prefetch.clone().context("prefetch landmark")?;
+    assert!(hello.chunks[0].compressed.end <= prefetch.end);
+    assert!(big.chunks[0].compressed.start >= prefetch.end);
+    Ok(())
+}
+
+/// A cheap stand-in for the fuzzer: every byte of a real TOC, changed, must parse or fail
+/// cleanly, and what parses must keep the index's promises.
+#[test]
+fn mutated_tocs_never_panic() -> Result<()> {
+    let blob = include_bytes!("testdata/reference.stargz");
+    let tar = inflate(blob)?;
+    let mut archive = tar::Archive::new(&tar[..]);
+    let mut json = Vec::new();
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        if &*entry.path_bytes() == TOC_TAR_NAME.as_bytes() {
+            entry.read_to_end(&mut json)?;
+        }
+    }
+    ensure!(!json.is_empty());
+    let limits = Limits::default();
+    for i in 0..json.len() {
+        for b in [b'0', b'9', b'-', b'"', b'/', b'.', 0] {
+            let mut m = json.clone();
+            m[i] = b;
+            if let Ok(index) = parse_toc(&m, 2_700, &limits) {
+                for n in &index.nodes {
+                    let covered: u64 = n.chunks.iter().map(|c| c.size).sum();
+                    assert!(n.chunks.is_empty() || covered == n.size);
+                    assert!(n.chunks.iter().all(|c| c.compressed.end <= 2_700));
+                }
+            }
+        }
+    }
+    Ok(())
+}
