@@ -35,6 +35,8 @@ use super::{
 const BLOCK: u64 = 512;
 const COPY_BUFFER: usize = 64 << 10;
 const XATTR_PAX_PREFIX: &str = "SCHILY.xattr.";
+/// 9999-12-31T23:59:59Z.
+const MAX_RFC3339_SECS: i64 = 253_402_300_799;
 
 /// How to write the blob.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -311,7 +313,8 @@ fn toc_entry(entry: &mut tar::Entry<'_, &File>, name: &str) -> Result<TocEntry, 
             }
         }
     }
-    if mtime != 0 {
+    // Zero means "unknown" to readers; RFC 3339 has four-digit years.
+    if mtime != 0 && mtime <= MAX_RFC3339_SECS {
         toc.mod_time = format_rfc3339(mtime);
     }
     Ok(toc)
