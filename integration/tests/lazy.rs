@@ -291,6 +291,57 @@ fn a_layer_whose_toc_lies_is_unpacked_normally() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_read_with_nowhere_to_come_from_fails_with_eio_then_recovers() -> Result<()> {
+    if let Some(why) = caps::missing(NEEDS).or_else(caps::missing_fuse) {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let mut registry = Registry::start(&dir.join("registry"))?;
+    let image = lazy_image(dir, &registry)?;
+    // Slow enough that the end of the big file is still in the registry when it stops.
+    let opts = NodeOptions {
+        insecure: vec![registry.addr()],
+        extra: "ingress_mbit = 8\n\n[fuse]\nread_timeout_ms = 3000\n".into(),
+        ..NodeOptions::default()
+    };
+    let node = Node::start(dir, "node", &opts)?;
+    let containerd = Containerd::start(&dir.join("containerd"), &shoal_proxy_config(&node.socket))?;
+    pull(&node, &containerd, &image)?;
+    let flags = ["--rm", "--snapshotter", "shoal"];
+    // The last 4 KiB of the big file, which the slow background fetch has not reached.
+    let tail = [
+        "/bin/sh",
+        "-c",
+        "dd if=/data/big of=/dev/null bs=4096 skip=12287 count=1 && echo read",
+    ];
+
+    registry.stop();
+    let started = std::time::Instant::now();
+    let failed = containerd.run_with(&flags, &image, "no-source", &tail);
+    let waited = started.elapsed();
+    let message = match failed {
+        Ok(out) => anyhow::bail!("the read succeeded with no source: {out:?}"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(
+        message.contains("I/O error") || message.contains("Input/output error"),
+        "expected EIO, got: {message}"
+    );
+    // Bounded: the read timeout (3 s) per attempt, not forever.
+    ensure!(
+        waited < Duration::from_secs(60),
+        "the failing read took {waited:?}"
+    );
+
+    registry.restart()?;
+    let out = containerd.run_with(&flags, &image, "source-back", &tail)?;
+    ensure!(out == "read\n", "after the registry came back: {out:?}");
+    Ok(())
+}
+
 fn pull_layers(summary: &serde_json::Value) -> Vec<String> {
     summary["layers"]
         .as_array()

@@ -100,6 +100,18 @@ impl Filesystem for LayerFs {
         }
     }
 
+    /// Nothing is ever written, so there is nothing to flush on close.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
     fn release(
         &self,
         _req: &Request,

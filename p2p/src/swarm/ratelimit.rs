@@ -28,8 +28,24 @@ impl RateLimiter {
 
     /// Waits until `bytes` may pass. Debt is allowed, so one large piece never waits forever.
     pub async fn acquire(&self, bytes: usize) {
-        let Some(rate) = self.rate else { return };
-        let wait = {
+        let wait = self.take(bytes);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Lets `bytes` pass at once, in debt if need be: a reader is waiting for them. The cap
+    /// still holds on average, because everything behind them waits longer.
+    pub fn debit(&self, bytes: usize) {
+        self.take(bytes);
+    }
+
+    /// Takes `bytes` from the bucket and says how long the caller should wait for them.
+    fn take(&self, bytes: usize) -> Duration {
+        let Some(rate) = self.rate else {
+            return Duration::ZERO;
+        };
+        {
             let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             let (tokens, last) = *b;
@@ -41,9 +57,6 @@ impl RateLimiter {
             } else {
                 Duration::from_secs_f64(-left / rate)
             }
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
         }
     }
 }
@@ -74,5 +87,20 @@ mod tests {
             start.elapsed()
         );
         RateLimiter::new(0).acquire(usize::MAX).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_debit_passes_at_once_and_delays_what_follows() {
+        let limiter = RateLimiter::new(1 << 20);
+        limiter.acquire(1 << 20).await;
+        let start = tokio::time::Instant::now();
+        limiter.debit(2 << 20);
+        assert!(start.elapsed().is_zero());
+        limiter.acquire(1 << 20).await;
+        assert!(
+            start.elapsed() >= Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

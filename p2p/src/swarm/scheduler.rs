@@ -150,6 +150,19 @@ impl Scheduler {
             })
     }
 
+    /// A piece a reader is waiting for that upstream must provide (see
+    /// [`Scheduler::pick_for_upstream`]), if any.
+    pub fn pick_urgent_for_upstream(&self) -> Option<u32> {
+        self.priority.iter().copied().find(|&i| {
+            self.wanted(i) && self.requested[i as usize] == 0 && self.avail[i as usize] == 0
+        })
+    }
+
+    /// Whether a reader is waiting for piece `index`.
+    pub fn is_urgent(&self, index: u32) -> bool {
+        self.priority.contains(&index)
+    }
+
     /// Among pieces passing `ok`, one of the least available, chosen uniformly among ties so
     /// peers spread over different pieces.
     fn rarest(&self, ok: impl Fn(u32) -> bool) -> Option<u32> {

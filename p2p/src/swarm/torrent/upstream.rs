@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Upstream fetches a waiting reader may add beyond `upstream_concurrency`.
+const URGENT_UPSTREAM_SLOTS: usize = 4;
+
 impl Torrent {
     pub(super) fn may_backsource(&self) -> bool {
         self.source.is_some()
@@ -41,16 +44,27 @@ impl Torrent {
         else {
             return;
         };
-        while self.upstream_inflight < self.ctx.cfg.upstream_concurrency {
+        let limit = self.ctx.cfg.upstream_concurrency;
+        loop {
             // Without a tracker there is nobody to split the blob with.
             let stripe = if self.backsource {
                 self.stripe
             } else {
                 Stripe::default()
             };
-            let Some(index) = s.pick_for_upstream(stripe) else {
+            // A reader's pieces never queue behind background fetches: they get slots of
+            // their own beyond the limit.
+            let picked = if self.upstream_inflight < limit {
+                s.pick_for_upstream(stripe)
+            } else if self.upstream_inflight < limit + URGENT_UPSTREAM_SLOTS {
+                s.pick_urgent_for_upstream()
+            } else {
+                None
+            };
+            let Some(index) = picked else {
                 break;
             };
+            let urgent = s.is_urgent(index);
             s.requested(index);
             self.upstream_inflight += 1;
             let range = blob.layout().piece_range(index);
@@ -62,8 +76,13 @@ impl Torrent {
             );
             self.ctx.tasks.spawn(async move {
                 let len = (range.end - range.start) as usize;
-                // The registry's bytes count against the node's ingress cap like a peer's.
-                ctx.ingress.acquire(len).await;
+                // The registry's bytes count against the node's ingress cap like a peer's; a
+                // reader's go first, and the background pays for them.
+                if urgent {
+                    ctx.ingress.debit(len);
+                } else {
+                    ctx.ingress.acquire(len).await;
+                }
                 let result = ctx
                     .upstream
                     .fetch_range(&source, &digest, range)
