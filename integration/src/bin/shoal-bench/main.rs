@@ -2,6 +2,7 @@
 //! in the same run. Figures go to BENCHMARKS.md with the command that produced them.
 
 mod demo;
+mod lazystart;
 mod plugin;
 mod swarm;
 
@@ -20,6 +21,8 @@ struct Cli {
 enum Command {
     /// The quickstart: registry, tracker, seed, two nodes with their own containerd.
     Demo(demo::Args),
+    /// Lazy start: a container on a 1 GiB layer, overlayfs vs Shoal lazy vs warm; FUSE reads.
+    Lazystart(lazystart::Args),
     /// containerd plugin: snapshot latency and content read throughput beside the built-ins.
     Plugin(plugin::Args),
     /// Swarm distribution: N peers in network namespaces fetch one blob at the same moment.
@@ -30,6 +33,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
+        Command::Lazystart(args) => lazystart::run(args),
         Command::Plugin(args) => plugin::run(args),
         Command::Swarm(args) => swarm::run(args),
     };

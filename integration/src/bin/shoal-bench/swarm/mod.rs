@@ -285,7 +285,7 @@ struct Run {
 
 /// Turns SIGINT, SIGTERM and SIGHUP into [`check_interrupted`] errors, so that the run unwinds
 /// through its guards (stopping processes, deleting namespaces) instead of dying on the spot.
-fn watch_signals() -> Result<()> {
+pub(crate) fn watch_signals() -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -312,7 +312,7 @@ fn watch_signals() -> Result<()> {
     Ok(())
 }
 
-fn check_interrupted() -> Result<()> {
+pub(crate) fn check_interrupted() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted");
     }
