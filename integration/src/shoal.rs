@@ -172,6 +172,26 @@ impl Node {
     }
 }
 
+impl Drop for Node {
+    /// Stops the node, then detaches the FUSE mounts a killed node leaves dead under its root
+    /// (a node stopped gracefully unmounts its own). Live mounts are left alone: they belong to
+    /// a node started again on the same root.
+    fn drop(&mut self) {
+        if let Err(e) = self.child.stop() {
+            eprintln!("stopping {}: {e:#}", self.name);
+        }
+        for point in crate::containerd::mounts_under(&self.root) {
+            let dead = std::fs::metadata(&point)
+                .err()
+                .and_then(|e| e.raw_os_error())
+                .is_some_and(|errno| errno == nix::errno::Errno::ENOTCONN as i32);
+            if dead && let Err(e) = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH) {
+                eprintln!("unmounting {}: {e}", point.display());
+            }
+        }
+    }
+}
+
 /// `program`, run in `netns` when one is given.
 fn command(netns: Option<&str>, program: PathBuf) -> Command {
     match netns {
