@@ -97,6 +97,9 @@ impl std::fmt::Debug for FileEntry {
 enum LayerSpec {
     Busybox,
     Files(Vec<FileEntry>),
+    /// An uncompressed tar, as is: for entries the builder does not make (links, devices,
+    /// whiteouts, xattrs).
+    Tar(Vec<u8>),
 }
 
 /// Describes an image; [`ImageBuilder::build`] writes it as an OCI layout.
@@ -153,6 +156,12 @@ impl ImageBuilder {
         self
     }
 
+    /// Adds a layer from an uncompressed tar, taken as is.
+    pub fn layer_tar(mut self, tar: Vec<u8>) -> ImageBuilder {
+        self.layers.push(LayerSpec::Tar(tar));
+        self
+    }
+
     /// Sets the config's `Cmd`.
     pub fn cmd(mut self, args: &[&str]) -> ImageBuilder {
         self.cmd = args.iter().map(|s| (*s).to_owned()).collect();
@@ -181,6 +190,10 @@ impl ImageBuilder {
             let entries = match spec {
                 LayerSpec::Busybox => busybox_entries()?,
                 LayerSpec::Files(files) => file_entries(files),
+                LayerSpec::Tar(tar) => {
+                    layers.push(write_raw_layer(&blobs, tar, self.compression)?);
+                    continue;
+                }
             };
             layers.push(write_layer(&blobs, &entries, self.compression)?);
         }
@@ -452,6 +465,21 @@ fn write_layer(blobs: &Path, entries: &[Entry<'_>], compression: Compression) ->
         digest,
         size,
         diff_id,
+    })
+}
+
+fn write_raw_layer(blobs: &Path, tar: &[u8], compression: Compression) -> Result<Layer> {
+    let tmp = tempfile::NamedTempFile::new_in(blobs)?;
+    let compressed = Hashing::new(BufWriter::new(tmp.as_file()));
+    let mut gz = GzEncoder::new(compressed, compression);
+    gz.write_all(tar)?;
+    let (file, digest, size) = gz.finish()?.finish();
+    file.into_inner().map_err(io::IntoInnerError::into_error)?;
+    persist(tmp, blobs, &digest)?;
+    Ok(Layer {
+        digest,
+        size,
+        diff_id: sha256_digest(tar),
     })
 }
 

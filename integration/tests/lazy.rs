@@ -342,6 +342,151 @@ fn a_read_with_nowhere_to_come_from_fails_with_eio_then_recovers() -> Result<()>
     Ok(())
 }
 
+/// Two layers with every kind of entry a container sees: hard links, symlinks, a fifo, a
+/// setuid binary, an empty file, a deep tree, then a whiteout and an opaque directory on top.
+fn tricky_layers() -> Result<(Vec<u8>, Vec<u8>)> {
+    fn tar(
+        build: impl FnOnce(&mut tar::Builder<Vec<u8>>) -> std::io::Result<()>,
+    ) -> Result<Vec<u8>> {
+        let mut builder = tar::Builder::new(Vec::new());
+        build(&mut builder)?;
+        Ok(builder.into_inner()?)
+    }
+    fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(1000);
+        h.set_gid(100);
+        h.set_mtime(1_600_000_000);
+        h
+    }
+    let dir = |b: &mut tar::Builder<Vec<u8>>, path: &str| {
+        b.append_data(
+            &mut header(tar::EntryType::Directory, 0o755, 0),
+            path,
+            std::io::empty(),
+        )
+    };
+    let file = |b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, data: &[u8]| {
+        b.append_data(
+            &mut header(tar::EntryType::Regular, mode, data.len() as u64),
+            path,
+            data,
+        )
+    };
+    let lower = tar(|b| {
+        dir(b, "t/")?;
+        file(b, "t/a", 0o644, b"hard linked\n")?;
+        b.append_link(&mut header(tar::EntryType::Link, 0o644, 0), "t/b", "t/a")?;
+        b.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0), "t/s", "a")?;
+        file(b, "t/gone", 0o600, b"whited out above\n")?;
+        file(b, "t/empty", 0o644, b"")?;
+        file(b, "t/suid", 0o4755, &random_bytes(3, 300_000))?;
+        b.append_data(
+            &mut header(tar::EntryType::Fifo, 0o644, 0),
+            "t/fifo",
+            std::io::empty(),
+        )?;
+        dir(b, "t/d/")?;
+        file(b, "t/d/hidden", 0o644, b"hidden by an opaque dir\n")?;
+        dir(b, "t/deep/a/b/c/")?;
+        file(b, "t/deep/a/b/c/leaf", 0o640, &random_bytes(4, 5 << 20))
+    })?;
+    let upper = tar(|b| {
+        dir(b, "t/")?;
+        file(b, "t/.wh.gone", 0o644, b"")?;
+        dir(b, "t/d/")?;
+        file(b, "t/d/.wh..wh..opq", 0o644, b"")?;
+        file(b, "t/d/shown", 0o644, b"from the upper layer\n")?;
+        file(b, "t/new", 0o755, b"#!/bin/sh\necho new\n")
+    })?;
+    Ok((lower, upper))
+}
+
+#[test]
+fn a_lazy_image_looks_exactly_like_the_same_image_on_overlayfs() -> Result<()> {
+    if let Some(why) = caps::missing(NEEDS).or_else(caps::missing_fuse) {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let registry = Registry::start(&dir.join("registry"))?;
+    let (lower, upper) = tricky_layers()?;
+    let plain = ImageBuilder::new()
+        .busybox()
+        .layer_tar(lower)
+        .layer_tar(upper)
+        .build(&dir.join("image"))?
+        .push(&registry.addr(), "test/tricky:plain")?;
+    let config = dir.join("convert.toml");
+    std::fs::write(
+        &config,
+        format!("[registry]\ninsecure = [{:?}]\n", registry.addr()),
+    )?;
+    let lazy = format!("{}/test/tricky:esgz", registry.addr());
+    shoal(&config, &["convert", &plain.reference, &lazy])?;
+
+    let node = Node::start(
+        dir,
+        "node",
+        &NodeOptions {
+            insecure: vec![registry.addr()],
+            ..NodeOptions::default()
+        },
+    )?;
+    let containerd = Containerd::start(&dir.join("containerd"), &shoal_proxy_config(&node.socket))?;
+    containerd.ctr_ok(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        &plain.reference,
+    ])?;
+    let summary = pull(&node, &containerd, &lazy)?;
+    ensure!(
+        outcomes(&summary, "lazy") == 3,
+        "every layer lazy: {summary}"
+    );
+
+    let listing = [
+        "/bin/sh",
+        "-c",
+        // Directory mtimes are left out: a directory the tar does not list gets the time of
+        // its extraction on overlayfs, and of the mount on Shoal.
+        "cd /t && find . | sort | while read f; do \
+           if [ -d \"$f\" ]; then stat -c '%n %f %u:%g %s %h' \"$f\"; \
+           else stat -c '%n %f %u:%g %s %Y %h %t:%T' \"$f\"; fi; \
+           if [ -L \"$f\" ]; then readlink \"$f\"; \
+           elif [ -f \"$f\" ]; then md5sum \"$f\"; fi; \
+         done; ./new",
+    ];
+    let on_overlayfs = containerd.run_with(
+        &["--rm", "--snapshotter", "overlayfs"],
+        &plain.reference,
+        "overlayfs",
+        &listing,
+    )?;
+    let on_shoal = containerd.run_with(
+        &["--rm", "--snapshotter", "shoal"],
+        &lazy,
+        "shoal",
+        &listing,
+    )?;
+    ensure!(
+        on_overlayfs.contains("./d/shown") && !on_overlayfs.contains("gone"),
+        "the listing itself is wrong:\n{on_overlayfs}"
+    );
+    ensure!(
+        on_shoal == on_overlayfs,
+        "lazy:\n{on_shoal}\noverlayfs:\n{on_overlayfs}"
+    );
+    Ok(())
+}
+
 fn pull_layers(summary: &serde_json::Value) -> Vec<String> {
     summary["layers"]
         .as_array()

@@ -4,7 +4,8 @@
 //! Decisions, where the format leaves room:
 //! - Names are normalized (`./a//b/` → `a/b`; `.` components dropped); `..` components, NUL
 //!   bytes and the empty string are refused. `./` and `/` name the root, which must be a dir.
-//! - A missing parent directory is created implicitly (mode 0755, owned by root, mtime 0).
+//! - A missing parent directory is created implicitly (mode 0755, owned by root), with the
+//!   time the index is built as its mtime, as `tar -x` gives it the time of extraction.
 //! - A second entry for a name already seen is refused, except a directory over a directory,
 //!   which updates its metadata (as `tar -x` does). Converters (ours, stargz-snapshotter's)
 //!   never emit other duplicates, and replacing inodes would leave hard links dangling.
@@ -19,7 +20,7 @@
 //!   (or the TOC), the same bound as the reference reader's `NextOffset`.
 
 use std::collections::{HashMap, HashSet};
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 
@@ -464,7 +465,7 @@ fn new_node(kind: Kind, mode: u32, parent: Ino) -> Node {
         uid: 0,
         gid: 0,
         size: 0,
-        mtime: UNIX_EPOCH,
+        mtime: SystemTime::now(),
         nlink: 0,
         rdev: 0,
         target: Vec::new(),

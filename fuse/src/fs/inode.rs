@@ -43,10 +43,16 @@ impl LayerFs {
 
     pub(super) fn attr(&self, ino: Ino) -> Result<FileAttr, Errno> {
         let node = self.node(ino)?;
+        // A directory is one block, as on the disk filesystems overlayfs usually sits on, so
+        // `stat` in a container cannot tell a lazy layer from an unpacked one.
+        let size = match node.kind {
+            Kind::Dir => u64::from(BLOCK_SIZE),
+            _ => node.size,
+        };
         Ok(FileAttr {
             ino: INodeNo(ino),
-            size: node.size,
-            blocks: node.size.div_ceil(512),
+            size,
+            blocks: size.div_ceil(512),
             atime: node.mtime,
             mtime: node.mtime,
             ctime: node.mtime,
