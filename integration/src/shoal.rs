@@ -172,6 +172,75 @@ impl Node {
     }
 }
 
+impl Node {
+    /// The node's config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.root.parent().map_or_else(
+            || self.root.join("shoal.toml"),
+            |home| home.join("shoal.toml"),
+        )
+    }
+
+    /// `shoal pull --json IMAGE` into `containerd` through this node; the pull's summary.
+    pub fn pull(&self, containerd: &crate::Containerd, image: &str) -> Result<serde_json::Value> {
+        let address = containerd.address().display().to_string();
+        let mirror = self.mirror_url();
+        let out = shoal_cli(
+            &self.config_path(),
+            &[
+                "pull",
+                "--json",
+                "--address",
+                &address,
+                "--namespace",
+                containerd.namespace(),
+                "--node",
+                &mirror,
+                image,
+            ],
+        )?;
+        serde_json::from_str(&out).with_context(|| format!("shoal pull printed {out:?}"))
+    }
+}
+
+/// Runs the `shoal` binary with `--config config` and `args`; its stdout, or an error with its
+/// stderr.
+pub fn shoal_cli(config: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(shoal_bin()?)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .context("running shoal")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "shoal {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Converts `src` (pushed to `registry`, plain HTTP) to eStargz as `dst` with `shoal convert`;
+/// `prioritize` lists the files to put first and prefetch.
+pub fn convert(
+    dir: &Path,
+    registry: &str,
+    src: &str,
+    dst: &str,
+    prioritize: &[&str],
+) -> Result<()> {
+    let config = dir.join("convert.toml");
+    std::fs::write(&config, format!("[registry]\ninsecure = [{registry:?}]\n"))?;
+    let mut args = vec!["convert", src, dst];
+    let list = dir.join("prioritize.txt");
+    let list_arg = list.display().to_string();
+    if !prioritize.is_empty() {
+        std::fs::write(&list, prioritize.join("\n"))?;
+        args.extend(["--prioritize", &list_arg]);
+    }
+    shoal_cli(&config, &args).map(drop)
+}
+
 impl Drop for Node {
     /// Stops the node, then detaches the FUSE mounts a killed node leaves dead under its root
     /// (a node stopped gracefully unmounts its own). Live mounts are left alone: they belong to

@@ -5,48 +5,15 @@
 //! again. A second node reads the same layer lazily from the first one, not from the registry.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use shoal_integration::containerd::shoal_proxy_config;
-use shoal_integration::shoal::{Node, NodeOptions, Tracker};
-use shoal_integration::{Containerd, ImageBuilder, Registry, caps, http, random_bytes, shoal_bin};
-
-/// Runs `shoal` with `args`, failing with its stderr.
-fn shoal(config: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(shoal_bin()?)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "shoal {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
-}
+use shoal_integration::shoal::{Node, NodeOptions, Tracker, convert};
+use shoal_integration::{Containerd, ImageBuilder, Registry, caps, http, random_bytes};
 
 fn pull(node: &Node, containerd: &Containerd, image: &str) -> Result<serde_json::Value> {
-    let config = node.root.parent().context("node home")?.join("shoal.toml");
-    let address = containerd.address().display().to_string();
-    let mirror = node.mirror_url();
-    let out = shoal(
-        &config,
-        &[
-            "pull",
-            "--json",
-            "--address",
-            &address,
-            "--namespace",
-            containerd.namespace(),
-            "--node",
-            &mirror,
-            image,
-        ],
-    )?;
-    Ok(serde_json::from_str(&out)?)
+    node.pull(containerd, image)
 }
 
 /// Layers `shoal pull` reported with `outcome`.
@@ -83,19 +50,13 @@ fn lazy_image(dir: &Path, registry: &Registry) -> Result<String> {
         ])
         .build(&dir.join("image"))?
         .push(&registry.addr(), "test/lazy:plain")?;
-    let config = dir.join("convert.toml");
-    std::fs::write(
-        &config,
-        format!("[registry]\ninsecure = [{:?}]\n", registry.addr()),
-    )?;
     let converted = format!("{}/test/lazy:esgz", registry.addr());
-    shoal(
-        &config,
-        &[
-            "convert",
-            &format!("{}/test/lazy:plain", registry.addr()),
-            &converted,
-        ],
+    convert(
+        dir,
+        &registry.addr(),
+        &format!("{}/test/lazy:plain", registry.addr()),
+        &converted,
+        &[],
     )?;
     Ok(converted)
 }
@@ -248,7 +209,7 @@ fn a_layer_whose_toc_lies_is_unpacked_normally() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     let registry = Registry::start(&dir.join("registry"))?;
-    let image = lazy_image(dir, &registry)?;
+    lazy_image(dir, &registry)?;
     // The same image, but its data layer's manifest entry names another TOC digest: the TOC
     // the layer holds no longer matches what the manifest vouches for.
     let oci = "application/vnd.oci.image.manifest.v1+json";
@@ -421,13 +382,8 @@ fn a_lazy_image_looks_exactly_like_the_same_image_on_overlayfs() -> Result<()> {
         .layer_tar(upper)
         .build(&dir.join("image"))?
         .push(&registry.addr(), "test/tricky:plain")?;
-    let config = dir.join("convert.toml");
-    std::fs::write(
-        &config,
-        format!("[registry]\ninsecure = [{:?}]\n", registry.addr()),
-    )?;
     let lazy = format!("{}/test/tricky:esgz", registry.addr());
-    shoal(&config, &["convert", &plain.reference, &lazy])?;
+    convert(dir, &registry.addr(), &plain.reference, &lazy, &[])?;
 
     let node = Node::start(
         dir,
