@@ -255,6 +255,18 @@ impl BlobStore {
             .collect()
     }
 
+    /// Every blob the store holds, complete or partial, sorted by digest: what a node reports
+    /// in `shoal status`. Unlike [`BlobStore::get`] this does not count as a use for eviction
+    /// order; the handles hold eviction off only while they live, so drop them soon.
+    pub fn list(&self) -> Vec<Blob> {
+        let mut entries: Vec<_> = self.lock().blobs.values().cloned().collect();
+        entries.sort_by_key(|e| e.digest());
+        entries
+            .into_iter()
+            .map(|entry| Blob::new(entry, self.clone()))
+            .collect()
+    }
+
     /// Bytes on disk: complete blobs plus the full size of partial ones (their files are sparse
     /// but will fill up).
     pub fn used_bytes(&self) -> u64 {

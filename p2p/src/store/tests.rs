@@ -227,3 +227,53 @@ fn finished_files_are_adopted_without_a_copy() -> anyhow::Result<()> {
     assert!(reopened.get(&digest).is_some_and(|b| b.is_complete()));
     Ok(())
 }
+
+#[test]
+fn list_reports_complete_and_partial_blobs_in_digest_order() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path(), u64::MAX)?;
+    let full = blob_bytes(3 << 20, 5);
+    let full_meta = Metainfo::of_bytes(Digest::of(&full), &full)?;
+    let part = blob_bytes((2 << 20) + 7, 6);
+    let part_meta = Metainfo::of_bytes(Digest::of(&part), &part)?;
+    {
+        let blob = store.open_blob(&full_meta)?;
+        for i in 0..full_meta.piece_count() {
+            blob.write_piece(i, piece(&full_meta, &full, i), false)?;
+        }
+        let blob = store.open_blob(&part_meta)?;
+        blob.write_piece(1, piece(&part_meta, &part, 1), false)?;
+    }
+    let listed: Vec<_> = store
+        .list()
+        .iter()
+        .map(|b| {
+            (
+                b.digest(),
+                b.size(),
+                b.have().count(),
+                b.have().len(),
+                b.is_complete(),
+            )
+        })
+        .collect();
+    let mut want = vec![
+        (
+            full_meta.digest,
+            full_meta.size,
+            full_meta.piece_count(),
+            full_meta.piece_count(),
+            true,
+        ),
+        (
+            part_meta.digest,
+            part_meta.size,
+            1,
+            part_meta.piece_count(),
+            false,
+        ),
+    ];
+    want.sort();
+    assert_eq!(listed, want);
+    Ok(())
+}
