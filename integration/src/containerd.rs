@@ -258,13 +258,23 @@ impl Containerd {
         }
     }
 
-    /// Kills shims started for this containerd (they outlive it by design), found by the
-    /// `-address <our socket>` on their command line.
+    /// Kills shims started for this containerd (they outlive it by design).
     fn kill_shims(&self) {
+        for pid in self.shim_pids() {
+            eprintln!("killing leftover containerd shim {pid}");
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+
+    /// The shims this containerd started that are still running, found by the
+    /// `-address <our socket>` on their command line: a test that removed its containers and
+    /// pods expects none.
+    pub fn shim_pids(&self) -> Vec<i32> {
         let Ok(procs) = fs::read_dir("/proc") else {
-            return;
+            return Vec::new();
         };
         let socket = self.socket.as_os_str().as_encoded_bytes();
+        let mut pids = Vec::new();
         for entry in procs.flatten() {
             let Some(pid) = entry
                 .file_name()
@@ -284,10 +294,10 @@ impl Containerd {
                 .windows(2)
                 .any(|w| w[0] == b"-address" && w[1] == socket);
             if is_shim && ours {
-                eprintln!("killing leftover containerd shim {pid}");
-                let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                pids.push(pid);
             }
         }
+        pids
     }
 }
 
@@ -299,15 +309,7 @@ impl Drop for Containerd {
 
 /// Unmounts (lazily, deepest first) every mount point under `dir`.
 fn unmount_under(dir: &Path) {
-    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let mut points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape_mount_path(p)))
-        .filter(|p| p.starts_with(dir))
-        .collect();
+    let mut points = mounts_under(dir);
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     points.dedup();
     for point in points {
@@ -315,6 +317,20 @@ fn unmount_under(dir: &Path) {
             eprintln!("unmounting {}: {e}", point.display());
         }
     }
+}
+
+/// Mount points at or under `dir` in this process's mount namespace (for a test's check that
+/// it left nothing mounted, and for cleanup).
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mount_path(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect()
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
