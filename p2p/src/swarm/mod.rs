@@ -359,6 +359,17 @@ impl Swarm {
 
     /// Asks for `range` of `digest` ahead of everything else (a reader is waiting for it).
     pub fn want(&self, digest: &Digest, range: Range<u64>) {
+        self.send_want(digest, range, false);
+    }
+
+    /// Like [`Swarm::want`], for a reader that is blocked on `range` (a lazy read in a
+    /// container): pieces no connected peer has are fetched upstream by this node right away,
+    /// even while another node holds the back-source lease.
+    pub fn need(&self, digest: &Digest, range: Range<u64>) {
+        self.send_want(digest, range, true);
+    }
+
+    fn send_want(&self, digest: &Digest, range: Range<u64>, needed: bool) {
         let handle = self
             .torrents
             .lock()
@@ -366,7 +377,7 @@ impl Swarm {
             .get(digest)
             .cloned();
         if let Some(h) = handle {
-            let _ = h.events.try_send(Event::Want(range));
+            let _ = h.events.try_send(Event::Want { range, needed });
         }
     }
 }

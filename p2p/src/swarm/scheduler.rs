@@ -4,7 +4,8 @@
 //! Pure bookkeeping, no I/O: the torrent actor tells it what peers have and what is in flight,
 //! and asks it for the next piece to request from a given peer or from upstream.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 
@@ -25,6 +26,10 @@ pub struct Scheduler {
     pending: Bitfield,
     /// Pieces a reader is waiting for.
     priority: BTreeSet<u32>,
+    /// Among those, pieces a reader is blocked on (a lazy read in a container), with when it
+    /// asked: this node fetches them upstream itself, lease or not, when no connected peer has
+    /// them a short while later.
+    needed: BTreeMap<u32, Instant>,
 }
 
 impl Scheduler {
@@ -35,6 +40,7 @@ impl Scheduler {
             requested: vec![0; n],
             pending: Bitfield::new(have.len()),
             priority: BTreeSet::new(),
+            needed: BTreeMap::new(),
             have,
         }
     }
@@ -88,12 +94,16 @@ impl Scheduler {
         self.have.set(index);
         self.pending.clear(index);
         self.priority.remove(&index);
+        self.needed.remove(&index);
     }
 
-    /// Readers want these pieces first.
-    pub fn prioritize(&mut self, pieces: std::ops::Range<u32>) {
+    /// Readers want these pieces first; `needed`: a reader is blocked on them.
+    pub fn prioritize(&mut self, pieces: std::ops::Range<u32>, needed: bool) {
         for i in pieces.filter(|&i| i < self.have.len() && !self.have.get(i)) {
             self.priority.insert(i);
+            if needed {
+                self.needed.entry(i).or_insert_with(Instant::now);
+            }
         }
     }
 
@@ -150,12 +160,21 @@ impl Scheduler {
             })
     }
 
-    /// A piece a reader is waiting for that upstream must provide (see
-    /// [`Scheduler::pick_for_upstream`]), if any.
-    pub fn pick_urgent_for_upstream(&self) -> Option<u32> {
-        self.priority.iter().copied().find(|&i| {
+    /// A piece a reader is waiting for that no connected peer has and nobody is fetching, if
+    /// any. With `needed_for`, only a piece a reader has been blocked on for that long (time for
+    /// the peers that have it to connect and say so).
+    pub fn pick_urgent_for_upstream(&self, needed_for: Option<Duration>) -> Option<u32> {
+        let free = |i: u32| {
             self.wanted(i) && self.requested[i as usize] == 0 && self.avail[i as usize] == 0
-        })
+        };
+        match needed_for {
+            None => self.priority.iter().copied().find(|&i| free(i)),
+            Some(grace) => self
+                .needed
+                .iter()
+                .find(|&(&i, since)| since.elapsed() >= grace && free(i))
+                .map(|(&i, _)| i),
+        }
     }
 
     /// Whether a reader is waiting for piece `index`.
@@ -232,7 +251,7 @@ mod tests {
     fn readers_pieces_come_first() {
         let mut s = Scheduler::new(Bitfield::new(10));
         s.peer_added(&Bitfield::full(10));
-        s.prioritize(7..9);
+        s.prioritize(7..9, false);
         assert_eq!(s.pick_for_peer(&Bitfield::full(10), |_| false), Some(7));
         s.got(7);
         assert_eq!(s.pick_for_peer(&Bitfield::full(10), |_| false), Some(8));
@@ -241,6 +260,32 @@ mod tests {
             None,
             "every piece is on a peer"
         );
+    }
+
+    #[test]
+    fn only_pieces_a_reader_is_blocked_on_go_upstream_without_the_lease() {
+        let mut s = Scheduler::new(Bitfield::new(10));
+        let now = Some(Duration::ZERO);
+        s.prioritize(2..3, false);
+        assert_eq!(
+            s.pick_urgent_for_upstream(now),
+            None,
+            "a streaming reader can wait"
+        );
+        assert_eq!(s.pick_urgent_for_upstream(None), Some(2));
+        s.prioritize(5..6, true);
+        assert_eq!(
+            s.pick_urgent_for_upstream(Some(Duration::from_secs(60))),
+            None,
+            "peers get a moment to connect first"
+        );
+        assert_eq!(s.pick_urgent_for_upstream(now), Some(5));
+        // A connected peer has it: ask the peer, not the registry.
+        let mut on_peer = Bitfield::new(10);
+        on_peer.set(5);
+        s.peer_added(&on_peer);
+        assert_eq!(s.pick_urgent_for_upstream(now), None);
+        assert_eq!(s.pick_for_peer(&on_peer, |_| false), Some(5));
     }
 
     #[test]

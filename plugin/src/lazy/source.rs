@@ -36,7 +36,7 @@ impl SwarmSource {
             .fetch(digest, self.upstream.clone())
             .await
             .map_err(io::Error::other)?;
-        self.swarm.want(&digest, range.clone());
+        self.swarm.need(&digest, range.clone());
         match tokio::time::timeout(self.timeout, self.blob.wait_range(range.clone())).await {
             Ok(result) => result.map_err(io::Error::other),
             Err(_) => Err(io::Error::new(

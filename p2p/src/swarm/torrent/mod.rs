@@ -95,7 +95,11 @@ pub(super) enum Event {
         data: Bytes,
         result: Result<PieceWrite, StoreError>,
     },
-    Want(std::ops::Range<u64>),
+    /// A reader waits for this range (`needed`: is blocked on it, see [`Swarm::need`]).
+    Want {
+        range: std::ops::Range<u64>,
+        needed: bool,
+    },
     /// The tracker has the hashes of these upstream pieces: tell peers.
     Published(Vec<u32>),
 }
@@ -443,9 +447,9 @@ impl Torrent {
                 self.announce_have(&pieces);
                 self.publish_hashes();
             }
-            Event::Want(range) => {
+            Event::Want { range, needed } => {
                 if let (Some(b), Some(s)) = (&self.blob, self.sched.as_mut()) {
-                    s.prioritize(b.layout().pieces_for(range));
+                    s.prioritize(b.layout().pieces_for(range), needed);
                 }
             }
         }

@@ -6,6 +6,10 @@ use super::*;
 /// Upstream fetches a waiting reader may add beyond `upstream_concurrency`.
 const URGENT_UPSTREAM_SLOTS: usize = 4;
 
+/// How long a node without the back-source lease lets a blocked reader wait for a peer to
+/// offer a piece before fetching it upstream itself.
+const NEED_GRACE: Duration = Duration::from_millis(500);
+
 impl Torrent {
     pub(super) fn may_backsource(&self) -> bool {
         self.source.is_some()
@@ -32,11 +36,14 @@ impl Torrent {
     }
 
     pub(super) fn fetch_upstream(&mut self) {
-        let active = self.may_backsource() && !self.complete();
+        let leased = self.may_backsource() && !self.complete();
         self.counts
             .backsourcing
-            .store(active, std::sync::atomic::Ordering::Relaxed);
-        if !active {
+            .store(leased, std::sync::atomic::Ordering::Relaxed);
+        // Without the lease a node still fetches the pieces a lazy read is blocked on when no
+        // connected peer has them: the read must not wait for the back-sourcer to get there in
+        // its own order. That is a few chunks per container start, not the blob.
+        if !leased && (self.complete() || self.source.is_none()) {
             return;
         }
         let (Some(s), Some(blob), Some(source)) =
@@ -54,10 +61,10 @@ impl Torrent {
             };
             // A reader's pieces never queue behind background fetches: they get slots of
             // their own beyond the limit.
-            let picked = if self.upstream_inflight < limit {
+            let picked = if leased && self.upstream_inflight < limit {
                 s.pick_for_upstream(stripe)
             } else if self.upstream_inflight < limit + URGENT_UPSTREAM_SLOTS {
-                s.pick_urgent_for_upstream()
+                s.pick_urgent_for_upstream((!leased).then_some(NEED_GRACE))
             } else {
                 None
             };
