@@ -3,6 +3,7 @@
 pub mod config;
 pub mod content;
 pub mod convert;
+pub mod doctor;
 pub mod filters;
 mod grpc;
 pub mod labels;
@@ -13,3 +14,4 @@ pub mod node;
 pub mod pull;
 pub mod reference;
 pub mod snapshotter;
+pub mod status;

@@ -36,6 +36,31 @@ enum Command {
     /// valid image for any runtime. SRC and DST are `host[:port]/repo[:tag|@digest]` or
     /// `oci:DIR[:TAG]` (an OCI image layout).
     Convert(ConvertArgs),
+    /// Check this host, containerd's config and the node for what makes or breaks Shoal, one
+    /// line per check with the fix; exits non-zero when a check fails.
+    Doctor(DoctorArgs),
+    /// Show what the node holds and does: blobs, lazy mounts, peers, throughput.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DoctorArgs {
+    /// containerd's config file.
+    #[arg(long, value_name = "PATH", default_value = shoal_plugin::doctor::DEFAULT_CONTAINERD_CONFIG)]
+    containerd_config: PathBuf,
+    /// Print the checks as a JSON array of `{name, status, detail, fix}`.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// The node's mirror/metrics address; default `http://<mirror.listen>` from the config.
+    #[arg(long, value_name = "URL")]
+    node: Option<String>,
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -106,7 +131,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             error!("{e:#}");
             eprintln!("shoal: {e:#}");
@@ -116,7 +141,11 @@ fn main() -> ExitCode {
 }
 
 #[tokio::main]
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // The doctor reports a broken config as one of its checks rather than stopping at it.
+    if let Command::Doctor(args) = &cli.command {
+        return doctor(cli.config.clone(), args).await;
+    }
     let cfg = Config::load(cli.config.as_deref())?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -133,12 +162,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shoal_p2p::tracker::run(listener, cfg.tracker, shutdown).await?;
         }
         Command::Pull(args) => pull(cfg, args).await?,
+        Command::Doctor(args) => return doctor(cli.config, &args).await,
+        Command::Status(args) => status(cfg, args).await?,
         Command::Convert(args) => {
             tokio::select! {
                 result = convert(cfg, args) => result?,
                 () = shutdown.cancelled() => anyhow::bail!("interrupted"),
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn doctor(config: Option<PathBuf>, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
+    use shoal_plugin::doctor::{self, DoctorOptions};
+
+    let opts = DoctorOptions {
+        config,
+        containerd_config: Some(args.containerd_config.clone()),
+    };
+    let checks = doctor::run(&opts).await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        print!("{}", doctor::render(&checks));
+    }
+    Ok(if doctor::failed(&checks) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn status(cfg: Config, args: StatusArgs) -> anyhow::Result<()> {
+    use shoal_plugin::status::client;
+
+    let node = args
+        .node
+        .unwrap_or_else(|| format!("http://{}", cfg.mirror.listen));
+    let report = client::sample(&node, std::time::Duration::from_secs(1)).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", client::render(&report));
     }
     Ok(())
 }

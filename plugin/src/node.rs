@@ -143,6 +143,7 @@ pub async fn run(
         upstream,
         registry,
         cfg: cfg.mirror.clone(),
+        lazy: grpc.as_ref().map(|(_, lazy)| Arc::clone(lazy)),
     };
     let served = mirror::run(mirror_listener, mirror, shutdown.clone()).await;
     shutdown.cancel();

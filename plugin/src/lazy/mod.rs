@@ -56,7 +56,25 @@ pub struct Lazy {
     /// Per-snapshot directories for files materialized for FUSE passthrough.
     passthrough_root: PathBuf,
     runtime: Handle,
-    mounts: Mutex<HashMap<String, LayerMount>>,
+    mounts: Mutex<HashMap<String, Mounted>>,
+}
+
+/// A mounted layer and the blob it reads.
+#[derive(Debug)]
+struct Mounted {
+    mount: LayerMount,
+    layer: Digest,
+}
+
+/// One lazily mounted layer, as `shoal status` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountInfo {
+    /// containerd's snapshot key.
+    pub snapshot: String,
+    /// The layer blob's digest.
+    pub layer: Digest,
+    /// Where the FUSE filesystem is mounted (an overlayfs lowerdir).
+    pub dir: PathBuf,
 }
 
 /// A layer whose TOC is read and verified.
@@ -99,7 +117,22 @@ impl Lazy {
         drop(mounts);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, LayerMount>> {
+    /// The layers mounted now, sorted by snapshot key (a read-only view for `shoal status`).
+    pub fn mounts(&self) -> Vec<MountInfo> {
+        let mut mounts: Vec<MountInfo> = self
+            .lock()
+            .iter()
+            .map(|(name, m)| MountInfo {
+                snapshot: name.clone(),
+                layer: m.layer,
+                dir: m.mount.mountpoint().to_owned(),
+            })
+            .collect();
+        mounts.sort_by(|a, b| a.snapshot.cmp(&b.snapshot));
+        mounts
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Mounted>> {
         self.mounts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -235,7 +268,13 @@ impl LazyLayers for Lazy {
             );
             self.swarm.want(&layer.digest, range);
         }
-        self.lock().insert(name.to_owned(), mount);
+        self.lock().insert(
+            name.to_owned(),
+            Mounted {
+                mount,
+                layer: layer.digest,
+            },
+        );
         Ok(())
     }
 

@@ -13,12 +13,12 @@ mod range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::{Json, Router};
 use bytes::Bytes;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::MirrorConfig;
+use crate::lazy::Lazy;
 
 /// What the mirror serves from.
 #[derive(Debug)]
@@ -39,9 +40,11 @@ pub struct Mirror {
     pub upstream: Upstream,
     pub registry: Registry,
     pub cfg: MirrorConfig,
+    /// The node's lazy layers, for `/status`; `None` on a seed.
+    pub lazy: Option<Arc<Lazy>>,
 }
 
-/// Serves the mirror (and `/metrics`) on `listener` until `shutdown`.
+/// Serves the mirror (and `/metrics`, `/status`) on `listener` until `shutdown`.
 pub async fn run(
     listener: TcpListener,
     mirror: Mirror,
@@ -51,6 +54,7 @@ pub async fn run(
         .route("/v2/", get(ping))
         .route("/v2/{*rest}", get(dispatch).head(dispatch))
         .route("/metrics", get(metrics))
+        .route("/status", get(status))
         .with_state(Arc::new(mirror));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -67,6 +71,11 @@ async fn metrics(State(m): State<Arc<Mirror>>) -> Response {
         Ok(()) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+/// What this node holds and does, for `shoal status`.
+async fn status(State(m): State<Arc<Mirror>>) -> Json<crate::status::NodeStatus> {
+    Json(crate::status::collect(&m.swarm, m.lazy.as_deref()))
 }
 
 #[derive(Debug, Deserialize)]
