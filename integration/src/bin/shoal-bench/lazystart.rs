@@ -60,6 +60,9 @@ pub struct Args {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
+    /// Also write the JSON object to this file.
+    #[arg(long, value_name = "PATH")]
+    json_file: Option<PathBuf>,
     /// Keep configs, logs and data in this directory instead of a temporary one.
     #[arg(long)]
     workdir: Option<PathBuf>,
@@ -107,8 +110,12 @@ pub fn run(args: Args) -> Result<()> {
         .collect();
     let report = result?;
     ensure!(left.is_empty(), "network namespaces left behind: {left:?}");
+    let json = serde_json::to_string_pretty(&report.to_json())?;
+    if let Some(path) = &args.json_file {
+        fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+        println!("{json}");
     } else {
         report.print();
     }
