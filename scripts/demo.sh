@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Shoal's main job on one machine, with embedded defaults: a local registry with a demo image, a
-# tracker, a seed and two nodes each with its own containerd; both pull the image through their
-# node at once and run it; a report says where the bytes came from. Tidies up after itself.
+# Shoal's main job on one machine, with embedded defaults: a local registry with a demo image
+# (converted to eStargz with `shoal convert`), a tracker, a seed and two nodes each with its own
+# containerd; each node starts the container lazily (`shoal pull` + `ctr run --snapshotter
+# shoal`), a third containerd pulls the plain image the usual way, and a report compares start
+# times and says where the bytes came from. Tidies up after itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
