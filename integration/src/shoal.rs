@@ -250,10 +250,11 @@ impl Drop for Node {
             eprintln!("stopping {}: {e:#}", self.name);
         }
         for point in crate::containerd::mounts_under(&self.root) {
-            let dead = std::fs::metadata(&point)
-                .err()
-                .and_then(|e| e.raw_os_error())
-                .is_some_and(|errno| errno == nix::errno::Errno::ENOTCONN as i32);
+            // statfs always reaches the daemon; stat may be answered from the kernel's cache.
+            let dead = matches!(
+                nix::sys::statfs::statfs(&point),
+                Err(nix::errno::Errno::ENOTCONN)
+            );
             if dead && let Err(e) = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH) {
                 eprintln!("unmounting {}: {e}", point.display());
             }
