@@ -6,7 +6,8 @@
 //! | file | checks |
 //! |---|---|
 //! | `host.rs` | `/dev/fuse`, FUSE passthrough (optional, Linux 6.9+), overlayfs |
-//! | `containerd.rs` | containerd's version, and its config: the snapshot and content proxy plugins, the CRI's snapshotter, snapshot annotations and registry `config_path` |
+//! | `containerd.rs` | containerd's version; its config file, config version, snapshot and content proxy plugins |
+//! | `containerd/cri.rs` | the CRI's snapshotter, snapshot annotations and registry `config_path`; 2.x's transfer-service unpack list |
 //! | `shoal.rs` | Shoal's own config, the node's socket, the tracker, disk space for the blob store |
 //!
 //! [`run`] runs them all; a FAIL anywhere makes `shoal doctor` exit non-zero.

@@ -43,11 +43,14 @@ fn remote_content() -> Config {
     cfg
 }
 
-/// No FAIL; a warning only for the hosts.toml directory this test machine lacks.
+/// No FAIL; a warning only for the hosts.toml directory this test machine lacks, and (while
+/// the 2.x example may lack it) the transfer service's unpack list.
 fn assert_passes(checks: &[Check]) {
     for c in checks {
         assert!(
-            c.status == Level::Ok || (c.status == Level::Warn && c.name == "registry-config-path"),
+            c.status == Level::Ok
+                || (c.status == Level::Warn
+                    && ["registry-config-path", "transfer-unpack"].contains(&c.name.as_str())),
             "{c:#?}"
         );
     }
@@ -316,6 +319,26 @@ fn hosts_toml_under_config_path_must_name_the_mirror() -> anyhow::Result<()> {
             .detail
             .contains("plugins.\"io.containerd.grpc.v1.cri\".registry.config_path"),
         "{unset:#?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_transfer_service_must_list_shoal_on_2_x() -> anyhow::Result<()> {
+    let two = load(&fixture("good-2.x.toml"))?;
+    let check = two.transfer_unpack(Some("lazy"));
+    assert_eq!(check.map(|c| c.status), Some(Level::Ok));
+    let check = two.transfer_unpack(Some("shoal"));
+    let check = check.ok_or_else(|| anyhow::anyhow!("no check on a version 3 file"))?;
+    assert_eq!(check.status, Level::Warn);
+    assert!(
+        check.detail.contains("no unpack platforms defined"),
+        "{check:#?}"
+    );
+    // Version 2 files have no transfer settings to check.
+    assert_eq!(
+        load(&fixture("good-1.x.toml"))?.transfer_unpack(Some("shoal")),
+        None
     );
     Ok(())
 }
