@@ -338,8 +338,20 @@ pub struct BlobReader {
     timeout: Duration,
 }
 
+/// Reads up to this size are done on the calling task: a `pread` of 256 KiB from the page cache
+/// costs less than handing it to a blocking thread and back, and containerd's diff applier reads
+/// layers 32 KiB at a time.
+const INLINE_READ_MAX: usize = 256 << 10;
+
 impl BlobReader {
     async fn read_now(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+        if len <= INLINE_READ_MAX {
+            let mut buf = vec![0u8; len];
+            return self
+                .blob
+                .read_at(offset, &mut buf)
+                .map(|()| Bytes::from(buf));
+        }
         let blob = self.blob.clone();
         let read = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; len];

@@ -383,7 +383,9 @@ mod tests {
     #[test]
     fn rfc3339_in_utc() {
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_306_611);
-        assert_eq!(humantime_rfc3339(at), "2026-11-21T23:36:51Z");
+        assert_eq!(humantime_rfc3339(at), "2026-11-22T00:16:51Z");
+        let leap_day = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(humantime_rfc3339(leap_day), "2000-02-29T00:00:00Z");
         assert_eq!(
             humantime_rfc3339(SystemTime::UNIX_EPOCH),
             "1970-01-01T00:00:00Z"
