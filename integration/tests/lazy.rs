@@ -104,6 +104,36 @@ fn a_container_starts_before_its_layer_has_arrived() -> Result<()> {
         "the container printed after {fetched} of {total} layer bytes were fetched: not lazy"
     );
     ensure!(fuse_mounts(&node.root)? == 2, "expected two FUSE layers");
+    // `shoal status` shows the lazy mounts, and the big layer still partly in the registry.
+    let status = shoal_integration::shoal::shoal_cli(
+        &node.config_path(),
+        &["status", "--json", "--node", &node.mirror_url()],
+    )?;
+    let status: serde_json::Value = serde_json::from_str(&status)?;
+    let layers = pull_layers(&summary);
+    let mounted: Vec<&str> = status["lazy_mounts"]
+        .as_array()
+        .context("lazy_mounts")?
+        .iter()
+        .filter_map(|m| m["layer"].as_str())
+        .collect();
+    ensure!(
+        mounted.len() == 2 && layers.iter().all(|l| mounted.contains(&l.as_str())),
+        "status lists {mounted:?} as lazy mounts, the pull {layers:?}"
+    );
+    let partial = status["blobs"]
+        .as_array()
+        .context("blobs")?
+        .iter()
+        .filter(|b| layers.iter().any(|l| b["digest"] == l.as_str()))
+        .filter(|b| {
+            b["complete"] == false && b["pieces_present"].as_u64() < b["pieces_total"].as_u64()
+        })
+        .count();
+    ensure!(
+        partial >= 1,
+        "the big layer should still be partial: {status}"
+    );
 
     // Restart: the lazy layers are mounted again before containerd is served.
     node.child.stop()?;
