@@ -104,6 +104,13 @@ fn a_container_starts_before_its_layer_has_arrived() -> Result<()> {
         "the container printed after {fetched} of {total} layer bytes were fetched: not lazy"
     );
     ensure!(fuse_mounts(&node.root)? == 2, "expected two FUSE layers");
+    ensure!(
+        node.metric("shoal_fuse_mounted_layers")? == 2.0
+            && node.metric("shoal_fuse_reads_total")? > 0.0
+            && node.metric("shoal_fuse_chunk_fetches_total")? > 0.0,
+        "the node's /metrics should show the lazy reads:\n{}",
+        node.metrics_text()?
+    );
     // `shoal status` shows the lazy mounts, and the big layer still partly in the registry.
     let status = shoal_integration::shoal::shoal_cli(
         &node.config_path(),
@@ -320,6 +327,10 @@ fn a_read_with_nowhere_to_come_from_fails_with_eio_then_recovers() -> Result<()>
     ensure!(
         message.contains("I/O error") || message.contains("Input/output error"),
         "expected EIO, got: {message}"
+    );
+    ensure!(
+        node.metric("shoal_fuse_eio_total")? > 0.0,
+        "an EIO the node does not count"
     );
     // Bounded: the read timeout (3 s) per attempt, not forever.
     ensure!(

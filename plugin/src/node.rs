@@ -99,6 +99,7 @@ pub async fn run(
             cfg.fuse.clone(),
             &cfg.node.root.join("lazy"),
         ));
+        registry.register_collector(Box::new(Arc::clone(&lazy)));
         let snapshots = RemoteSnapshotter::new(overlay, Arc::clone(&lazy));
         // Containers must never see an empty lower layer: remount before serving containerd.
         let restored = snapshots.restore().await?;

@@ -12,6 +12,7 @@
 //! ([`SwarmSource`]); at mount the prioritized files (up to `.prefetch.landmark`) are wanted next;
 //! the torrent fetches the rest of the blob in the background, so the node becomes a full seeder.
 
+mod metrics;
 mod source;
 
 use std::collections::HashMap;
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
+use shoal_fuse::FsStats;
 use shoal_fuse::estargz::{self, Layer, Limits};
 use shoal_fuse::fs::{self as lazyfs, FsOptions, LayerMount};
 use shoal_p2p::Digest;
@@ -57,6 +59,8 @@ pub struct Lazy {
     passthrough_root: PathBuf,
     runtime: Handle,
     mounts: Mutex<HashMap<String, Mounted>>,
+    /// The counters of layers unmounted since the node started.
+    retired: Mutex<FsStats>,
 }
 
 /// A mounted layer and the blob it reads.
@@ -108,13 +112,36 @@ impl Lazy {
             passthrough_root: root.join("passthrough"),
             runtime: Handle::current(),
             mounts: Mutex::new(HashMap::new()),
+            retired: Mutex::new(FsStats::default()),
         }
     }
 
     /// Unmounts every layer (at shutdown).
     pub fn unmount_all(&self) {
         let mounts: Vec<_> = self.lock().drain().collect();
-        drop(mounts);
+        for (_, mounted) in mounts {
+            self.retire(mounted);
+        }
+    }
+
+    /// Unmounts a layer, keeping its counters.
+    fn retire(&self, mounted: Mounted) {
+        let stats = mounted.mount.stats();
+        drop(mounted);
+        metrics::add(
+            &mut self.retired.lock().unwrap_or_else(|p| p.into_inner()),
+            stats,
+        );
+    }
+
+    /// FUSE counters over every layer mounted since the start, and how many are mounted now.
+    pub fn stats(&self) -> (FsStats, usize) {
+        let mut total = *self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let mounts = self.lock();
+        for mounted in mounts.values() {
+            metrics::add(&mut total, mounted.mount.stats());
+        }
+        (total, mounts.len())
     }
 
     /// The layers mounted now, sorted by snapshot key (a read-only view for `shoal status`).
@@ -280,7 +307,9 @@ impl LazyLayers for Lazy {
 
     fn unmount(&self, name: &str, dir: &Path) {
         let mount = self.lock().remove(name);
-        drop(mount);
+        if let Some(mounted) = mount {
+            self.retire(mounted);
+        }
         if let Err(e) = lazyfs::unmount_stale(dir) {
             warn!(snapshot = name, dir = %dir.display(), error = %e, "unmounting a lazy layer");
         }
