@@ -182,6 +182,12 @@ impl ChunkCache {
         Ok(bytes)
     }
 
+    /// Whether `key` is held or being fetched (without touching its place in the LRU order).
+    pub fn has(&self, key: &ChunkKey) -> bool {
+        let state = lock(&self.state);
+        state.chunks.peek(key).is_some() || state.in_flight.contains_key(key)
+    }
+
     /// The counters, and the bytes held now.
     pub fn stats(&self) -> CacheStats {
         CacheStats {

@@ -12,6 +12,7 @@
 //! | `mod.rs` | the public API, the shared state [`LayerFs`] and the mount guard |
 //! | `inode.rs` | metadata: attributes, lookup, directories, symlinks, xattrs, statfs |
 //! | `read.rs` | file bytes, through the chunk cache |
+//! | `readahead.rs` | the next chunk of a file read sequentially, fetched on a helper thread |
 //! | `passthrough.rs` | files whose chunks are all local, served by the kernel from a verified copy |
 //! | `ops.rs` | the `fuser::Filesystem` impl: a thin edge mapping requests to the above |
 //! | `session.rs` | `/dev/fuse`, mount(2), unmount, and detaching stale mounts |
@@ -23,6 +24,7 @@ mod inode;
 mod ops;
 mod passthrough;
 mod read;
+mod readahead;
 mod session;
 
 use std::fmt;
@@ -38,6 +40,7 @@ use crate::cache::ChunkCache;
 use crate::index::{Chunk, Index};
 use crate::source::ChunkSource;
 use passthrough::Passthrough;
+use readahead::ReadAhead;
 
 /// How a layer is mounted.
 #[derive(Clone, Debug)]
@@ -163,20 +166,45 @@ pub(crate) fn mount_data(
     }
     let cache = Arc::new(ChunkCache::new(opts.cache_bytes));
     let counters = Arc::new(Counters::default());
+    // Without the helper thread reads still work, one chunk at a time.
+    let readahead = ReadAhead::start(Arc::clone(&data), Arc::clone(&cache))
+        .inspect_err(|e| tracing::warn!(error = %e, "no read-ahead thread"))
+        .ok();
     let fs = LayerFs {
         data,
+        readahead,
         cache: cache.clone(),
         counters: counters.clone(),
         ttl: opts.ttl,
         passthrough,
     };
     let session = session::Mounted::new(fs, mountpoint, opts.threads)?;
+    raise_read_ahead(mountpoint);
     Ok(LayerMount {
         mountpoint: mountpoint.to_path_buf(),
         cache,
         counters,
         session: Some(session),
     })
+}
+
+/// The kernel reads ahead at most 128 KiB on a FUSE mount unless told otherwise; layers are
+/// read-only and mostly read whole, so a larger window keeps several reads in flight. Best
+/// effort: without it reads are only slower.
+const READ_AHEAD_KB: u32 = 2048;
+
+fn raise_read_ahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dev) = std::fs::metadata(mountpoint).map(|m| m.dev()) else {
+        return;
+    };
+    // glibc's major()/minor() encoding of a dev_t.
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&knob, READ_AHEAD_KB.to_string()) {
+        tracing::debug!(%knob, error = %e, "could not raise the read-ahead window");
+    }
 }
 
 /// A mounted layer. Dropping it unmounts the layer and stops its session threads.
@@ -242,6 +270,8 @@ impl Counters {
 #[derive(Debug)]
 pub(crate) struct LayerFs {
     data: Arc<dyn LayerData>,
+    /// Fetches the next chunk of a file being read sequentially.
+    readahead: Option<ReadAhead>,
     cache: Arc<ChunkCache>,
     counters: Arc<Counters>,
     ttl: Duration,

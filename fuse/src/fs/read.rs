@@ -9,6 +9,7 @@
 use fuser::Errno;
 use tracing::warn;
 
+use super::readahead::fetch_chunk;
 use super::{BoxError, Counters, LayerFs};
 use crate::cache::{ChunkKey, FetchError};
 use crate::index::{Chunk, Ino, Kind};
@@ -56,23 +57,17 @@ impl LayerFs {
             warn!(path = %self.path_of(ino), offset, "chunks do not cover the range read");
             return Err(Errno::EIO);
         }
+        if let Some(readahead) = &self.readahead {
+            readahead.after_read(ino, &node.chunks, offset, end, &self.cache);
+        }
         Ok(out)
     }
 
     /// One chunk's verified bytes, exactly `chunk.size` of them.
     fn chunk(&self, ino: Ino, chunk: &Chunk) -> Result<std::sync::Arc<[u8]>, Errno> {
-        let fetched = self.cache.get_or_fetch(ChunkKey::from(chunk), || {
-            let bytes = self.data.read_chunk(chunk)?;
-            if bytes.len() as u64 != chunk.size {
-                return Err(format!(
-                    "chunk inflated to {} bytes, the TOC says {}",
-                    bytes.len(),
-                    chunk.size
-                )
-                .into());
-            }
-            Ok(bytes)
-        });
+        let fetched = self
+            .cache
+            .get_or_fetch(ChunkKey::from(chunk), || fetch_chunk(&*self.data, chunk));
         fetched.map_err(|err: FetchError<BoxError>| {
             if let FetchError::Failed(err) = err {
                 warn!(

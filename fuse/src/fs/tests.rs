@@ -528,6 +528,7 @@ fn xattr_size_protocol() -> anyhow::Result<()> {
     });
     let fs = LayerFs {
         data: layer,
+        readahead: None,
         cache: Arc::new(ChunkCache::new(1 << 20)),
         counters: Arc::default(),
         ttl: Duration::from_secs(1),
@@ -568,6 +569,74 @@ fn xattr_size_protocol() -> anyhow::Result<()> {
     assert_eq!(
         fs.path_of(fs.index().lookup(etc, b"hostname").unwrap_or(0)),
         "/etc/hostname"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_sequential_reader_finds_the_next_chunk_fetched_ahead() -> anyhow::Result<()> {
+    let (layer, _) = sample().layer(|blob| MemSource {
+        blob,
+        ..MemSource::default()
+    });
+    let cache = Arc::new(ChunkCache::new(1 << 20));
+    let data: Arc<dyn LayerData> = layer;
+    let fs = LayerFs {
+        readahead: Some(super::readahead::ReadAhead::start(
+            Arc::clone(&data),
+            Arc::clone(&cache),
+        )?),
+        data,
+        cache: Arc::clone(&cache),
+        counters: Arc::default(),
+        ttl: Duration::from_secs(1),
+        passthrough: None,
+    };
+    let big = fs
+        .index()
+        .lookup(ROOT, b"big")
+        .ok_or(anyhow::anyhow!("no big"))?;
+    let chunks = fs
+        .node(big)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?
+        .chunks
+        .clone();
+    // A random read fetches nothing ahead.
+    assert_eq!(
+        fs.read(big, 20_000, 100)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        pattern(100_000, 7)[20_000..20_100]
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!cache.has(&crate::cache::ChunkKey::from(&chunks[3])));
+    // Two reads in a row: the chunk after the second one's is fetched by the helper.
+    assert_eq!(
+        fs.read(big, 0, 4096)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        pattern(100_000, 7)[..4096]
+    );
+    assert_eq!(
+        fs.read(big, 4096, 4096)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        pattern(100_000, 7)[4096..8192]
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cache.has(&crate::cache::ChunkKey::from(&chunks[1])) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "chunk 1 was not fetched ahead"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let fetched = cache.stats().fetches;
+    assert_eq!(
+        fs.read(big, 8192, 4096)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        pattern(100_000, 7)[8192..12288]
+    );
+    assert!(
+        cache.stats().fetches <= fetched + 1,
+        "chunk 1 was fetched twice"
     );
     Ok(())
 }

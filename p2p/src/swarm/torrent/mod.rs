@@ -165,6 +165,9 @@ pub(super) struct Torrent {
     announcing: bool,
     size_query: bool,
     upstream_inflight: usize,
+    /// When a reader last blocked on a piece this node lacked (a lazy read): the background
+    /// fetch from upstream holds back until readers have been quiet for a while.
+    last_need: Option<Instant>,
     pending: HashMap<u32, (Bytes, Option<(u64, PeerId)>)>,
     writing: HashSet<u32>,
     refreshing: bool,
@@ -214,6 +217,7 @@ impl Torrent {
             announcing: false,
             size_query: false,
             upstream_inflight: 0,
+            last_need: None,
             pending: HashMap::new(),
             writing: HashSet::new(),
             refreshing: false,
@@ -448,6 +452,9 @@ impl Torrent {
                 self.publish_hashes();
             }
             Event::Want { range, needed } => {
+                if needed {
+                    self.last_need = Some(Instant::now());
+                }
                 if let (Some(b), Some(s)) = (&self.blob, self.sched.as_mut()) {
                     s.prioritize(b.layout().pieces_for(range), needed);
                 }

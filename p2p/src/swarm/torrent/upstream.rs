@@ -6,6 +6,9 @@ use super::*;
 /// Upstream fetches a waiting reader may add beyond `upstream_concurrency`.
 const URGENT_UPSTREAM_SLOTS: usize = 4;
 
+/// How long lazy reads must have been quiet before the background fetch of their blob goes on.
+const BACKGROUND_QUIET: Duration = Duration::from_secs(2);
+
 /// How long a node without the back-source lease lets a blocked reader wait for a peer to
 /// offer a piece before fetching it upstream itself.
 const NEED_GRACE: Duration = Duration::from_millis(500);
@@ -61,8 +64,17 @@ impl Torrent {
             };
             // A reader's pieces never queue behind background fetches: they get slots of
             // their own beyond the limit.
+            // While lazy reads are blocking, the background fetch waits: on the registry's
+            // link every byte it moves delays the container.
+            let quiet = self
+                .last_need
+                .is_none_or(|t| t.elapsed() >= BACKGROUND_QUIET);
             let picked = if leased && self.upstream_inflight < limit {
-                s.pick_for_upstream(stripe)
+                if quiet {
+                    s.pick_for_upstream(stripe)
+                } else {
+                    s.pick_urgent_for_upstream(None)
+                }
             } else if self.upstream_inflight < limit + URGENT_UPSTREAM_SLOTS {
                 s.pick_urgent_for_upstream((!leased).then_some(NEED_GRACE))
             } else {
