@@ -152,7 +152,7 @@ pub(crate) fn mount_data(
     if opts.threads == 0 {
         return Err(Error::Options("threads must be at least 1"));
     }
-    let passthrough = match &opts.passthrough_dir {
+    let mut passthrough = match &opts.passthrough_dir {
         Some(dir) => Some(
             Passthrough::new(dir).map_err(|source| Error::PassthroughDir {
                 path: dir.clone(),
@@ -166,6 +166,12 @@ pub(crate) fn mount_data(
     }
     let cache = Arc::new(ChunkCache::new(opts.cache_bytes));
     let counters = Arc::new(Counters::default());
+    if let Some(passthrough) = &mut passthrough
+        && let Err(e) = passthrough.start_copier(Arc::clone(&data), Arc::clone(&cache))
+    {
+        // Every file is then copied before its first open returns.
+        tracing::warn!(error = %e, "no passthrough copy thread");
+    }
     // Without the helper thread reads still work, one chunk at a time.
     let readahead = ReadAhead::start(Arc::clone(&data), Arc::clone(&cache))
         .inspect_err(|e| tracing::warn!(error = %e, "no read-ahead thread"))

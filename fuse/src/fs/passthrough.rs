@@ -1,9 +1,12 @@
 //! FUSE passthrough: once every chunk of a file is local, the kernel can read it without us.
 //!
-//! On such a file's first open, its chunks are read through the layer (so each is verified
-//! against its `chunkDigest`) into `passthrough_dir/<ino>`, written under a temporary name and
-//! renamed into place. The copy is registered with the kernel as the open's backing file, and
-//! from then on `read`, `mmap` and `splice` on it go straight to the copy's filesystem.
+//! On such a file's first open, its chunks are read through the chunk cache (so each is verified
+//! against its `chunkDigest`, and a reader and the copy never inflate a chunk twice) into
+//! `passthrough_dir/<ino>`, written under a temporary name and renamed into place. A small file
+//! is copied before the open returns; a larger one is copied by a helper thread while this open
+//! reads through FUSE, so no reader waits for a whole file to be copied. The copy is registered
+//! with the kernel as the backing file of later opens, and from then on `read`, `mmap` and
+//! `splice` on it go straight to the copy's filesystem.
 //!
 //! Copies are made once per mount and never trusted across mounts: the directory belongs to
 //! one mount, and a leftover file is simply overwritten. One backing id per inode is shared by
@@ -18,15 +21,25 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
+use std::thread;
 
 use fuser::{BackingId, FileHandle, FopenFlags, ReplyOpen};
 use tracing::{debug, warn};
 
 use super::read::chain;
-use super::{Counters, LayerFs};
-use crate::cache::lock;
-use crate::index::{Ino, Kind};
+use super::readahead::fetch_chunk;
+use super::{Counters, LayerData, LayerFs};
+use crate::cache::{ChunkCache, ChunkKey, lock};
+use crate::index::{Ino, Kind, Node};
+
+/// Files up to this size are copied before their first open returns.
+const COPY_BEFORE_OPEN: u64 = 1 << 20;
+/// Files queued for the copy thread at most; more wait for a later open.
+const COPY_QUEUE: usize = 64;
+
+type Slots = Mutex<HashMap<Ino, Arc<Mutex<Slot>>>>;
 
 /// The file handle of passthrough opens (ordinary opens use 0), so `release` knows which is
 /// which.
@@ -36,7 +49,9 @@ pub(super) const PASSTHROUGH_FH: u64 = 1;
 pub(super) struct Passthrough {
     dir: PathBuf,
     refused: AtomicBool,
-    files: Mutex<HashMap<Ino, Arc<Mutex<Slot>>>>,
+    files: Arc<Slots>,
+    /// The copy thread's queue, once started.
+    copier: Option<SyncSender<Ino>>,
 }
 
 /// One file's passthrough state.
@@ -46,6 +61,8 @@ struct Slot {
     copy: Option<PathBuf>,
     /// Copying failed: this file is read through FUSE for the rest of the mount.
     failed: bool,
+    /// Queued for, or being written by, the copy thread.
+    copying: bool,
     /// Registered with the kernel while the file has passthrough opens.
     backing: Option<BackingId>,
     opens: u32,
@@ -57,8 +74,43 @@ impl Passthrough {
         Ok(Passthrough {
             dir: dir.to_path_buf(),
             refused: AtomicBool::new(false),
-            files: Mutex::new(HashMap::new()),
+            files: Arc::new(Mutex::new(HashMap::new())),
+            copier: None,
         })
+    }
+
+    /// Starts the thread that copies larger files; it ends when the filesystem is dropped.
+    pub(super) fn start_copier(
+        &mut self,
+        data: Arc<dyn LayerData>,
+        cache: Arc<ChunkCache>,
+    ) -> io::Result<()> {
+        let (queue, files) = sync_channel::<Ino>(COPY_QUEUE);
+        let (dir, slots) = (self.dir.clone(), Arc::clone(&self.files));
+        thread::Builder::new()
+            .name("shoal-passthrough".into())
+            .spawn(move || {
+                for ino in files {
+                    let Some(node) = data.index().node(ino) else {
+                        continue;
+                    };
+                    let copy = write_copy(&dir, &*data, &cache, ino, node);
+                    let Some(slot) = lock(&slots).get(&ino).cloned() else {
+                        continue;
+                    };
+                    let mut slot = lock(&slot);
+                    slot.copying = false;
+                    match copy {
+                        Ok(path) => slot.copy = Some(path),
+                        Err(err) => {
+                            warn!(ino, %err, "no passthrough copy; reading through FUSE");
+                            slot.failed = true;
+                        }
+                    }
+                }
+            })?;
+        self.copier = Some(queue);
+        Ok(())
     }
 
     /// Opens file `ino` with passthrough if it can: `Ok` once replied, else the reply back for
@@ -87,7 +139,19 @@ impl Passthrough {
         if slot.backing.is_none() {
             let copy = match &slot.copy {
                 Some(copy) => Ok(copy.clone()),
-                None => self.copy(fs, ino),
+                None if node.size <= COPY_BEFORE_OPEN || self.copier.is_none() => {
+                    write_copy(&self.dir, &*fs.data, &fs.cache, ino, node)
+                }
+                None => {
+                    // Read through FUSE this time; the next open finds the copy.
+                    if !slot.copying
+                        && let Some(copier) = &self.copier
+                        && copier.try_send(ino).is_ok()
+                    {
+                        slot.copying = true;
+                    }
+                    return Err(reply);
+                }
             };
             let file = match copy.and_then(|copy| Ok((File::open(&copy)?, copy))) {
                 Ok((file, copy)) => {
@@ -131,31 +195,37 @@ impl Passthrough {
             slot.backing = None;
         }
     }
+}
 
-    /// Writes the verified copy of file `ino`, returning its path.
-    fn copy(&self, fs: &LayerFs, ino: Ino) -> io::Result<PathBuf> {
-        let node = fs.node(ino).map_err(|_| io::ErrorKind::NotFound)?;
-        let path = self.dir.join(ino.to_string());
-        let partial = self.dir.join(format!(".{ino}.partial"));
-        let written = File::create(&partial).and_then(|mut out| {
-            for chunk in &node.chunks {
-                let bytes = fs
-                    .data
-                    .read_chunk(chunk)
-                    .map_err(|err| io::Error::other(chain(&*err)))?;
-                if bytes.len() as u64 != chunk.size {
-                    return Err(io::Error::other("chunk size differs from the TOC"));
-                }
-                out.write_all(&bytes)?;
-            }
-            Ok(())
-        });
-        if let Err(err) = written {
-            let _ = fs::remove_file(&partial);
-            return Err(err);
+/// Writes the verified copy of file `ino` into `dir`, returning its path.
+fn write_copy(
+    dir: &Path,
+    data: &dyn LayerData,
+    cache: &ChunkCache,
+    ino: Ino,
+    node: &Node,
+) -> io::Result<PathBuf> {
+    let path = dir.join(ino.to_string());
+    let partial = dir.join(format!(".{ino}.partial"));
+    let written = File::create(&partial).and_then(|mut out| {
+        for chunk in &node.chunks {
+            let bytes = cache
+                .get_or_fetch(ChunkKey::from(chunk), || fetch_chunk(data, chunk))
+                .map_err(|err| match err {
+                    crate::cache::FetchError::Failed(err) => io::Error::other(chain(&*err)),
+                    crate::cache::FetchError::FailedElsewhere => {
+                        io::Error::other("a chunk failed to verify")
+                    }
+                })?;
+            out.write_all(&bytes)?;
         }
-        fs::rename(&partial, &path)?;
-        debug!(path = %fs.path_of(ino), copy = %path.display(), "passthrough copy written");
-        Ok(path)
+        Ok(())
+    });
+    if let Err(err) = written {
+        let _ = fs::remove_file(&partial);
+        return Err(err);
     }
+    fs::rename(&partial, &path)?;
+    debug!(ino, copy = %path.display(), "passthrough copy written");
+    Ok(path)
 }

@@ -476,6 +476,48 @@ fn local_files_are_passed_through() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_large_file_is_copied_in_the_background_and_passed_through_next_time() -> anyhow::Result<()> {
+    if !can_mount() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let copies = tempfile::tempdir()?;
+    let mut tree = Tree::new();
+    let content = pattern(3 << 20, 5);
+    tree.file(ROOT, "large", &content, 256 << 10);
+    let (layer, _) = tree.layer(|blob| MemSource {
+        blob,
+        ..MemSource::default()
+    });
+    let opts = FsOptions {
+        passthrough_dir: Some(copies.path().to_path_buf()),
+        ..FsOptions::default()
+    };
+    let mnt = mount_fake(layer, dir.path(), opts)?;
+    let large = mnt.mountpoint().join("large");
+    // The first open does not wait for a 3 MiB copy: it reads through FUSE.
+    assert_eq!(fs::read(&large)?, content);
+    assert_eq!(mnt.stats().passthrough_opens, 0);
+    assert!(mnt.stats().reads > 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(fs::read(&large)?, content);
+        if mnt.stats().passthrough_opens > 0 {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            eprintln!(
+                "skipping: the kernel refused passthrough ({:?})",
+                mnt.stats()
+            );
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+#[test]
 fn remote_files_are_not_passed_through() -> anyhow::Result<()> {
     if !can_mount() {
         return Ok(());
