@@ -122,8 +122,11 @@ impl Filesystem for LayerFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let (FileHandle(PASSTHROUGH_FH), Some(passthrough)) = (fh, &self.passthrough) {
-            passthrough.release(ino.0);
+        if let Some(passthrough) = &self.passthrough {
+            match fh {
+                FileHandle(PASSTHROUGH_FH) => passthrough.release(ino.0),
+                _ => passthrough.release_cached(ino.0),
+            }
         }
         reply.ok();
     }

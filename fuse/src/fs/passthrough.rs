@@ -65,7 +65,10 @@ struct Slot {
     copying: bool,
     /// Registered with the kernel while the file has passthrough opens.
     backing: Option<BackingId>,
+    /// Passthrough opens not yet released.
     opens: u32,
+    /// Ordinary (cached) opens not yet released: while there are any, no passthrough.
+    cached_opens: u32,
 }
 
 impl Passthrough {
@@ -122,35 +125,40 @@ impl Passthrough {
         let Ok(node) = fs.node(ino) else {
             return Err(reply);
         };
-        let source = fs.data.source();
-        let local = node
-            .chunks
-            .iter()
-            .all(|chunk| source.is_local(chunk.compressed.clone()));
-        if node.kind != Kind::File || node.size == 0 || !local {
+        if node.kind != Kind::File || node.size == 0 {
             return Err(reply);
         }
-
+        // The kernel refuses a passthrough open of an inode that has ordinary (cached) opens, and
+        // the reverse: every open of a file is decided, and counted, under its slot's lock.
         let slot = lock(&self.files).entry(ino).or_default().clone();
         let mut slot = lock(&slot);
-        if slot.failed {
-            return Err(reply);
-        }
+        let cached = |mut slot: std::sync::MutexGuard<'_, Slot>, reply| {
+            slot.cached_opens += 1;
+            Err(reply)
+        };
         if slot.backing.is_none() {
+            let source = fs.data.source();
+            let local = node
+                .chunks
+                .iter()
+                .all(|chunk| source.is_local(chunk.compressed.clone()));
+            if slot.failed || slot.cached_opens > 0 || !local {
+                return cached(slot, reply);
+            }
             let copy = match &slot.copy {
                 Some(copy) => Ok(copy.clone()),
                 None if node.size <= COPY_BEFORE_OPEN || self.copier.is_none() => {
                     write_copy(&self.dir, &*fs.data, &fs.cache, ino, node)
                 }
                 None => {
-                    // Read through FUSE this time; the next open finds the copy.
+                    // Read through FUSE this time; a later open finds the copy.
                     if !slot.copying
                         && let Some(copier) = &self.copier
                         && copier.try_send(ino).is_ok()
                     {
                         slot.copying = true;
                     }
-                    return Err(reply);
+                    return cached(slot, reply);
                 }
             };
             let file = match copy.and_then(|copy| Ok((File::open(&copy)?, copy))) {
@@ -161,7 +169,7 @@ impl Passthrough {
                 Err(err) => {
                     warn!(path = %fs.path_of(ino), %err, "no passthrough copy; reading through FUSE");
                     slot.failed = true;
-                    return Err(reply);
+                    return cached(slot, reply);
                 }
             };
             match reply.open_backing(&file) {
@@ -170,18 +178,26 @@ impl Passthrough {
                     if !self.refused.swap(true, Ordering::Relaxed) {
                         warn!(%err, "the kernel refused a passthrough backing file; reading through FUSE from now on");
                     }
-                    return Err(reply);
+                    return cached(slot, reply);
                 }
             }
         }
         let Some(backing) = &slot.backing else {
-            return Err(reply);
+            return cached(slot, reply);
         };
         // Counted before replying: once the kernel has the reply, the caller may look.
         Counters::add(&fs.counters.passthrough_opens, 1);
         reply.opened_passthrough(FileHandle(PASSTHROUGH_FH), FopenFlags::empty(), backing);
         slot.opens += 1;
         Ok(())
+    }
+
+    /// An ordinary handle of `ino` was closed.
+    pub(super) fn release_cached(&self, ino: Ino) {
+        if let Some(slot) = lock(&self.files).get(&ino).cloned() {
+            let mut slot = lock(&slot);
+            slot.cached_opens = slot.cached_opens.saturating_sub(1);
+        }
     }
 
     /// A passthrough handle of `ino` was closed.
