@@ -12,13 +12,13 @@
 //! implementing [`ChunkSource`].
 
 pub mod cache;
-pub mod fs;
 pub mod estargz;
+pub mod fs;
 pub mod index;
 pub mod source;
 
 pub use cache::ChunkCache;
-pub use fs::{FsOptions, FsStats, LayerMount, unmount_stale};
 pub use estargz::Layer;
+pub use fs::{FsOptions, FsStats, LayerMount, unmount_stale};
 pub use index::{Index, Ino, Kind, Node};
 pub use source::{ChunkSource, FileSource};
