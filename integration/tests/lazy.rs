@@ -208,6 +208,29 @@ fn lazy_reads_on_a_second_node_come_from_the_first() -> Result<()> {
     )?;
     let layers: Vec<String> = pull_layers(&first_summary);
     let served_before = layer_bytes_served(&registry, &layers)?;
+    // With both blobs local, every file gets its verified passthrough copy, and the next
+    // container's opens go straight to the kernel.
+    let copies = first.root.join("lazy/passthrough");
+    shoal_integration::wait_until(Duration::from_secs(30), "passthrough copies", || {
+        let mut files = 0;
+        for dir in std::fs::read_dir(&copies)? {
+            files += std::fs::read_dir(dir?.path())?
+                .filter_map(Result::ok)
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count();
+        }
+        // busybox, /data/small, /data/big at least.
+        Ok(files >= 3)
+    })?;
+    let out = first_containerd.run_with(&["--rm", "--snapshotter", "shoal"], &image, "a2", &[])?;
+    ensure!(
+        out == "hello from a lazy layer\n1024\n",
+        "first node, again: {out:?}"
+    );
+    ensure!(
+        first.metric("shoal_fuse_passthrough_opens_total")? > 0.0,
+        "no passthrough open once the layers were local"
+    );
 
     let second = Node::start(dir, "second", &opts)?;
     let second_containerd = Containerd::start(

@@ -101,6 +101,10 @@ pub struct FuseConfig {
     /// Once a file's bytes are all local, let the kernel read it directly (FUSE passthrough,
     /// Linux 6.9+); falls back to normal FUSE reads where the kernel refuses.
     pub passthrough: bool,
+    /// With passthrough, once a layer's whole blob is local, write a verified copy of each of
+    /// its files (under `node.root/lazy/passthrough`, as much disk as the layer unpacked) so
+    /// every later open is a passthrough open; without it, a file is copied on its first open.
+    pub materialize: bool,
     /// At mount, fetch the files the image marks as needed first (`.prefetch.landmark`).
     pub prefetch: bool,
 }
@@ -113,6 +117,7 @@ impl Default for FuseConfig {
             threads: 4,
             read_timeout_ms: 30_000,
             passthrough: true,
+            materialize: true,
             prefetch: true,
         }
     }

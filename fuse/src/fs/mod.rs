@@ -37,7 +37,7 @@ use std::time::Duration;
 pub use session::unmount_stale;
 
 use crate::cache::ChunkCache;
-use crate::index::{Chunk, Index};
+use crate::index::{Chunk, Index, Ino};
 use crate::source::ChunkSource;
 use passthrough::Passthrough;
 use readahead::ReadAhead;
@@ -184,9 +184,18 @@ pub(crate) fn mount_data(
         ttl: opts.ttl,
         passthrough,
     };
+    let materializer = fs
+        .passthrough
+        .as_ref()
+        .and_then(Passthrough::materializer)
+        .map(|queue| Materializer {
+            queue,
+            data: Arc::clone(&fs.data),
+        });
     let session = session::Mounted::new(fs, mountpoint, opts.threads)?;
     raise_read_ahead(mountpoint);
     Ok(LayerMount {
+        materializer,
         mountpoint: mountpoint.to_path_buf(),
         cache,
         counters,
@@ -215,15 +224,59 @@ fn raise_read_ahead(mountpoint: &Path) {
 
 /// A mounted layer. Dropping it unmounts the layer and stops its session threads.
 pub struct LayerMount {
+    /// Queues copies of every file for passthrough; `None` without passthrough.
+    materializer: Option<Materializer>,
     mountpoint: PathBuf,
     cache: Arc<ChunkCache>,
     counters: Arc<Counters>,
     session: Option<session::Mounted>,
 }
 
+/// Queues a passthrough copy of every file of a layer; see [`LayerMount::materializer`].
+#[derive(Clone)]
+pub struct Materializer {
+    queue: std::sync::mpsc::SyncSender<passthrough::Copy>,
+    data: Arc<dyn LayerData>,
+}
+
+impl fmt::Debug for Materializer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Materializer").finish_non_exhaustive()
+    }
+}
+
+impl Materializer {
+    /// Queues every regular file for its verified copy, blocking while the copy thread's queue
+    /// is full; returns how many were queued. Call it once the whole blob is local: opens then
+    /// find the copies made, and the kernel reads every file directly.
+    pub fn run(&self) -> usize {
+        let mut queued = 0;
+        for (i, node) in self.data.index().nodes.iter().enumerate() {
+            if node.kind != crate::index::Kind::File || node.size == 0 {
+                continue;
+            }
+            let copy = passthrough::Copy {
+                ino: i as Ino + 1,
+                share_cache: false,
+            };
+            if self.queue.send(copy).is_err() {
+                break; // unmounted meanwhile
+            }
+            queued += 1;
+        }
+        queued
+    }
+}
+
 impl LayerMount {
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// What makes passthrough copies of every file ahead of any open (`None` without
+    /// passthrough). Dropping the mount stops the copies.
+    pub fn materializer(&self) -> Option<Materializer> {
+        self.materializer.clone()
     }
 
     pub fn stats(&self) -> FsStats {

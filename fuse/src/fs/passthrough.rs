@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -39,6 +39,15 @@ const COPY_BEFORE_OPEN: u64 = 1 << 20;
 /// Files queued for the copy thread at most; more wait for a later open.
 const COPY_QUEUE: usize = 64;
 
+/// A file for the copy thread.
+#[derive(Debug)]
+pub(super) struct Copy {
+    pub(super) ino: Ino,
+    /// Through the chunk cache (a reader is reading the file now) or around it (every file of
+    /// a complete layer, which would only flush the cache).
+    pub(super) share_cache: bool,
+}
+
 type Slots = Mutex<HashMap<Ino, Arc<Mutex<Slot>>>>;
 
 /// The file handle of passthrough opens (ordinary opens use 0), so `release` knows which is
@@ -51,7 +60,7 @@ pub(super) struct Passthrough {
     refused: AtomicBool,
     files: Arc<Slots>,
     /// The copy thread's queue, once started.
-    copier: Option<SyncSender<Ino>>,
+    copier: Option<SyncSender<Copy>>,
 }
 
 /// One file's passthrough state.
@@ -88,19 +97,21 @@ impl Passthrough {
         data: Arc<dyn LayerData>,
         cache: Arc<ChunkCache>,
     ) -> io::Result<()> {
-        let (queue, files) = sync_channel::<Ino>(COPY_QUEUE);
+        let (queue, files) = sync_channel::<Copy>(COPY_QUEUE);
         let (dir, slots) = (self.dir.clone(), Arc::clone(&self.files));
         thread::Builder::new()
             .name("shoal-passthrough".into())
             .spawn(move || {
-                for ino in files {
+                for Copy { ino, share_cache } in files {
                     let Some(node) = data.index().node(ino) else {
                         continue;
                     };
-                    let copy = write_copy(&dir, &*data, &cache, ino, node);
-                    let Some(slot) = lock(&slots).get(&ino).cloned() else {
+                    let slot = lock(&slots).entry(ino).or_default().clone();
+                    if lock(&slot).copy.is_some() {
                         continue;
-                    };
+                    }
+                    let cache = share_cache.then_some(&*cache);
+                    let copy = write_copy(&dir, &*data, cache, ino, node);
                     let mut slot = lock(&slot);
                     slot.copying = false;
                     match copy {
@@ -114,6 +125,12 @@ impl Passthrough {
             })?;
         self.copier = Some(queue);
         Ok(())
+    }
+
+    /// Something that queues copies of every file, for [`super::LayerMount::materialize`];
+    /// `None` without a copy thread.
+    pub(super) fn materializer(&self) -> Option<SyncSender<Copy>> {
+        self.copier.clone()
     }
 
     /// Opens file `ino` with passthrough if it can: `Ok` once replied, else the reply back for
@@ -148,13 +165,18 @@ impl Passthrough {
             let copy = match &slot.copy {
                 Some(copy) => Ok(copy.clone()),
                 None if node.size <= COPY_BEFORE_OPEN || self.copier.is_none() => {
-                    write_copy(&self.dir, &*fs.data, &fs.cache, ino, node)
+                    write_copy(&self.dir, &*fs.data, Some(&fs.cache), ino, node)
                 }
                 None => {
                     // Read through FUSE this time; a later open finds the copy.
                     if !slot.copying
                         && let Some(copier) = &self.copier
-                        && copier.try_send(ino).is_ok()
+                        && copier
+                            .try_send(Copy {
+                                ino,
+                                share_cache: true,
+                            })
+                            .is_ok()
                     {
                         slot.copying = true;
                     }
@@ -217,23 +239,35 @@ impl Passthrough {
 fn write_copy(
     dir: &Path,
     data: &dyn LayerData,
-    cache: &ChunkCache,
+    cache: Option<&ChunkCache>,
     ino: Ino,
     node: &Node,
 ) -> io::Result<PathBuf> {
+    // Two writers of one file (an open and the copy thread) each write their own temporary
+    // file; the renames then replace one verified copy with an identical one.
+    static WRITER: AtomicU64 = AtomicU64::new(0);
     let path = dir.join(ino.to_string());
-    let partial = dir.join(format!(".{ino}.partial"));
+    let partial = dir.join(format!(
+        ".{ino}.{}.partial",
+        WRITER.fetch_add(1, Ordering::Relaxed)
+    ));
     let written = File::create(&partial).and_then(|mut out| {
         for chunk in &node.chunks {
-            let bytes = cache
-                .get_or_fetch(ChunkKey::from(chunk), || fetch_chunk(data, chunk))
-                .map_err(|err| match err {
-                    crate::cache::FetchError::Failed(err) => io::Error::other(chain(&*err)),
-                    crate::cache::FetchError::FailedElsewhere => {
-                        io::Error::other("a chunk failed to verify")
-                    }
-                })?;
-            out.write_all(&bytes)?;
+            let failed = |err: crate::fs::BoxError| io::Error::other(chain(&*err));
+            match cache {
+                Some(cache) => {
+                    let bytes = cache
+                        .get_or_fetch(ChunkKey::from(chunk), || fetch_chunk(data, chunk))
+                        .map_err(|err| match err {
+                            crate::cache::FetchError::Failed(err) => failed(err),
+                            crate::cache::FetchError::FailedElsewhere => {
+                                io::Error::other("a chunk failed to verify")
+                            }
+                        })?;
+                    out.write_all(&bytes)?;
+                }
+                None => out.write_all(&fetch_chunk(data, chunk).map_err(failed)?)?,
+            }
         }
         Ok(())
     });

@@ -295,6 +295,7 @@ impl LazyLayers for Lazy {
             );
             self.swarm.want(&layer.digest, range);
         }
+        let materializer = mount.materializer().filter(|_| self.cfg.materialize);
         self.lock().insert(
             name.to_owned(),
             Mounted {
@@ -302,6 +303,24 @@ impl LazyLayers for Lazy {
                 layer: layer.digest,
             },
         );
+        if let (Some(materializer), Some(blob)) =
+            (materializer, self.swarm.store().get(&layer.digest))
+        {
+            // Once the whole blob is local, copy every file for passthrough so that reads no
+            // longer go through FUSE at all. Dropping the mount ends the copies.
+            let snapshot = name.to_owned();
+            tokio::spawn(async move {
+                if blob.wait_range(0..blob.size()).await.is_err() {
+                    return;
+                }
+                let queued = tokio::task::spawn_blocking(move || materializer.run()).await;
+                info!(
+                    snapshot,
+                    files = queued.unwrap_or(0),
+                    "layer local: passthrough copies made"
+                );
+            });
+        }
         Ok(())
     }
 

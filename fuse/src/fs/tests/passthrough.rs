@@ -189,3 +189,54 @@ fn a_sequential_reader_finds_the_next_chunk_fetched_ahead() -> anyhow::Result<()
     );
     Ok(())
 }
+
+#[test]
+fn a_materialized_layer_passes_through_on_the_first_open() -> anyhow::Result<()> {
+    if !can_mount() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let copies = tempfile::tempdir()?;
+    let mut tree = Tree::new();
+    let content = pattern(3 << 20, 6);
+    tree.file(ROOT, "large", &content, 256 << 10);
+    tree.file(ROOT, "small", b"small\n", 4096);
+    let (layer, _) = tree.layer(|blob| MemSource {
+        blob,
+        ..MemSource::default()
+    });
+    let opts = FsOptions {
+        passthrough_dir: Some(copies.path().to_path_buf()),
+        ..FsOptions::default()
+    };
+    let mnt = mount_fake(layer, dir.path(), opts)?;
+    let materializer = mnt
+        .materializer()
+        .ok_or(anyhow::anyhow!("no materializer with passthrough on"))?;
+    assert_eq!(materializer.run(), 2, "two regular files");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fs::read_dir(copies.path())?
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .count()
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copies were not made"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fs::read(mnt.mountpoint().join("large"))?, content);
+    let stats = mnt.stats();
+    if stats.passthrough_opens == 0 {
+        eprintln!("skipping: the kernel refused passthrough ({stats:?})");
+        return Ok(());
+    }
+    assert_eq!(stats.reads, 0, "the kernel read the copy: {stats:?}");
+    assert_eq!(
+        stats.chunk_fetches, 0,
+        "the copies did not go through the cache: {stats:?}"
+    );
+    Ok(())
+}
