@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use shoal_plugin::config::Config;
 use tokio_util::sync::CancellationToken;
-use tracing::error;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -133,7 +132,6 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            error!("{e:#}");
             eprintln!("shoal: {e:#}");
             ExitCode::FAILURE
         }
