@@ -254,6 +254,29 @@ impl LazyLayers for Lazy {
         labels.contains_key(LAZY_LAYER)
     }
 
+    fn kept(&self, labels: &Labels) -> Labels {
+        labels
+            .iter()
+            .filter(|(k, _)| [LAZY_LAYER, LAZY_TOC, LAZY_SOURCE].contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn same_layer(&self, incoming: &Labels, existing: &Labels) -> bool {
+        let Some(layer) = existing.get(LAZY_LAYER) else {
+            return true;
+        };
+        let named = [CRI_LAYER_DIGEST, STARGZ_LAYER_DIGEST]
+            .iter()
+            .find_map(|l| incoming.get(*l));
+        let same_digest = named.is_none_or(|d| d == layer);
+        let same_toc = match (incoming.get(TOC_DIGEST_LABEL), existing.get(LAZY_TOC)) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        same_digest && same_toc
+    }
+
     async fn reopen(&self, labels: &Labels) -> Result<OpenLayer, LazyError> {
         let digest =
             digest_label(labels, &[LAZY_LAYER])?.ok_or(LazyLabelError::Missing(LAZY_LAYER))?;
