@@ -28,6 +28,9 @@ pub struct ChunkKey {
     pub inner_offset: u64,
     /// The chunk's uncompressed length.
     pub size: u64,
+    /// Its `chunkDigest`: two TOC entries naming the same bytes with different digests must
+    /// not share a verified chunk.
+    pub digest: [u8; 32],
 }
 
 impl From<&Chunk> for ChunkKey {
@@ -36,6 +39,7 @@ impl From<&Chunk> for ChunkKey {
             compressed_start: chunk.compressed.start,
             inner_offset: chunk.inner_offset,
             size: chunk.size,
+            digest: chunk.digest,
         }
     }
 }
@@ -247,6 +251,7 @@ mod tests {
             compressed_start: start,
             inner_offset: 0,
             size: 10,
+            digest: [0; 32],
         }
     }
 

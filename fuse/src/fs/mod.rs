@@ -161,9 +161,7 @@ pub(crate) fn mount_data(
         ),
         None => None,
     };
-    if let Some(range) = &data.index().prefetch {
-        data.source().prefetch(range.clone());
-    }
+    // Prefetching the landmark's range is the caller's choice (`Index::prefetch`).
     let cache = Arc::new(ChunkCache::new(opts.cache_bytes));
     let counters = Arc::new(Counters::default());
     if let Some(passthrough) = &mut passthrough

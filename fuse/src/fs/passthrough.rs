@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
@@ -82,7 +83,11 @@ struct Slot {
 
 impl Passthrough {
     pub(super) fn new(dir: &Path) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
+        // Copies of files that may be private inside the image: root only.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
         Ok(Passthrough {
             dir: dir.to_path_buf(),
             refused: AtomicBool::new(false),
@@ -251,31 +256,40 @@ fn write_copy(
         ".{ino}.{}.partial",
         WRITER.fetch_add(1, Ordering::Relaxed)
     ));
-    let written = File::create(&partial).and_then(|mut out| {
-        for chunk in &node.chunks {
-            let failed = |err: crate::fs::BoxError| io::Error::other(chain(&*err));
-            match cache {
-                Some(cache) => {
-                    let bytes = cache
-                        .get_or_fetch(ChunkKey::from(chunk), || fetch_chunk(data, chunk))
-                        .map_err(|err| match err {
-                            crate::cache::FetchError::Failed(err) => failed(err),
-                            crate::cache::FetchError::FailedElsewhere => {
-                                io::Error::other("a chunk failed to verify")
-                            }
-                        })?;
-                    out.write_all(&bytes)?;
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)
+        .and_then(|mut out| {
+            for chunk in &node.chunks {
+                let failed = |err: crate::fs::BoxError| io::Error::other(chain(&*err));
+                match cache {
+                    Some(cache) => {
+                        let bytes = cache
+                            .get_or_fetch(ChunkKey::from(chunk), || fetch_chunk(data, chunk))
+                            .map_err(|err| match err {
+                                crate::cache::FetchError::Failed(err) => failed(err),
+                                crate::cache::FetchError::FailedElsewhere => {
+                                    io::Error::other("a chunk failed to verify")
+                                }
+                            })?;
+                        out.write_all(&bytes)?;
+                    }
+                    None => out.write_all(&fetch_chunk(data, chunk).map_err(failed)?)?,
                 }
-                None => out.write_all(&fetch_chunk(data, chunk).map_err(failed)?)?,
             }
-        }
-        Ok(())
-    });
+            Ok(())
+        });
     if let Err(err) = written {
         let _ = fs::remove_file(&partial);
         return Err(err);
     }
-    fs::rename(&partial, &path)?;
+    if let Err(err) = fs::rename(&partial, &path) {
+        let _ = fs::remove_file(&partial);
+        return Err(err);
+    }
     debug!(ino, copy = %path.display(), "passthrough copy written");
     Ok(path)
 }

@@ -265,8 +265,10 @@ impl Upstream {
             } else {
                 read_capped(response, MAX_MANIFEST_BYTES, target).await?
             };
+            // Only a manifest is checked: a 404's body is an error document.
             if let Some(expected) = by_digest
                 && !head
+                && (200..300).contains(&status)
                 && Digest::of(&body) != expected
             {
                 return Err(target.bad(format!("body hashes to {}", Digest::of(&body))));

@@ -16,6 +16,7 @@ mod metrics;
 mod source;
 
 use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -293,7 +294,10 @@ impl LazyLayers for Lazy {
         }
         let passthrough_dir = if self.cfg.passthrough {
             let dir = self.passthrough_dir(name);
-            std::fs::create_dir_all(&dir)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
             Some(dir)
         } else {
             None
@@ -307,7 +311,13 @@ impl LazyLayers for Lazy {
         let fs_layer = Arc::clone(&layer.layer);
         let at = dir.to_owned();
         let mount =
-            tokio::task::spawn_blocking(move || lazyfs::mount(fs_layer, &at, opts)).await??;
+            match tokio::task::spawn_blocking(move || lazyfs::mount(fs_layer, &at, opts)).await? {
+                Ok(mount) => mount,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(self.passthrough_dir(name));
+                    return Err(e.into());
+                }
+            };
         if self.cfg.prefetch
             && let Some(range) = layer.layer.index().prefetch.clone()
         {

@@ -90,13 +90,20 @@ impl Image {
         let (index, manifest, manifest_digest, manifest_type) = if is_index {
             let parsed =
                 ImageIndex::from_reader(&top.body[..]).map_err(|e| invalid("image index", e))?;
-            let (os, arch) = platform.split_once('/').unwrap_or(("linux", platform));
+            // `os/arch[/variant]`; without a variant any variant of the architecture will do.
+            let mut parts = platform.split('/');
+            let (os, arch, variant) = match (parts.next(), parts.next(), parts.next()) {
+                (Some(os), Some(arch), variant) => (os, arch, variant),
+                _ => ("linux", platform, None),
+            };
             let chosen = parsed
                 .manifests()
                 .iter()
                 .find(|m| {
                     m.platform().as_ref().is_some_and(|p| {
-                        p.os().to_string() == os && p.architecture().to_string() == arch
+                        p.os().to_string() == os
+                            && p.architecture().to_string() == arch
+                            && variant.is_none_or(|v| p.variant().as_deref() == Some(v))
                     })
                 })
                 .ok_or_else(|| {
@@ -104,6 +111,12 @@ impl Image {
                 })?;
             let digest = chosen.digest().to_string();
             let manifest = upstream.manifest(&source, &digest, &[], false).await?;
+            if manifest.status != 200 {
+                return Err(Error::Invalid(format!(
+                    "registry answered {} for manifest {digest} of {reference}",
+                    manifest.status
+                )));
+            }
             let media_type = chosen.media_type().to_string();
             let index = Index {
                 digest: top_digest,

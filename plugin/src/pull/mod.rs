@@ -136,97 +136,105 @@ pub async fn pull(
         Containerd::connect(&opts.address, &opts.namespace, &opts.snapshotter).await?;
     containerd.lease(Duration::from_secs(3600)).await?;
 
-    let mut layers = Vec::new();
-    let layer_list = image
-        .layers
-        .iter()
-        .map(|l| l.digest.as_str())
-        .collect::<Vec<_>>();
-    for (i, layer) in image.layers.iter().enumerate() {
-        let parent = if i == 0 { "" } else { chains[i - 1].as_str() };
-        let bar = progress.layer(&layer.digest, layer.size);
-        let outcome = unpack_layer(
+    // Everything under the lease, which is let go of whatever happens: a failed pull leaves
+    // nothing pinned for the garbage collector.
+    let recorded = async {
+        let mut layers = Vec::new();
+        let layer_list = image
+            .layers
+            .iter()
+            .map(|l| l.digest.as_str())
+            .collect::<Vec<_>>();
+        for (i, layer) in image.layers.iter().enumerate() {
+            let parent = if i == 0 { "" } else { chains[i - 1].as_str() };
+            let bar = progress.layer(&layer.digest, layer.size);
+            let outcome = unpack_layer(
+                &containerd,
+                upstream,
+                opts,
+                &source,
+                &reference,
+                &image,
+                i,
+                &chains[i],
+                parent,
+                &diff_ids[i],
+                &layer_list,
+                &bar,
+            )
+            .await?;
+            bar.finish(outcome);
+            layers.push(LayerSummary {
+                digest: layer.digest.clone(),
+                size: layer.size,
+                outcome,
+            });
+        }
+
+        // Children before parents, each labelled for the garbage collector as containerd does.
+        let distribution = (
+            format!("containerd.io/distribution.source.{}", reference.registry),
+            reference.repository.clone(),
+        );
+        let mut config_labels = HashMap::from([distribution.clone()]);
+        if let Some(top) = chains.last() {
+            config_labels.insert(
+                format!("containerd.io/gc.ref.snapshot.{}", opts.snapshotter),
+                top.clone(),
+            );
+        }
+        put_blob(
             &containerd,
-            upstream,
-            opts,
-            &source,
-            &reference,
-            &image,
-            i,
-            &chains[i],
-            parent,
-            &diff_ids[i],
-            &layer_list,
-            &bar,
+            &image.config_digest,
+            &image.config,
+            config_labels,
         )
         .await?;
-        bar.finish(outcome);
-        layers.push(LayerSummary {
-            digest: layer.digest.clone(),
-            size: layer.size,
-            outcome,
-        });
-    }
-
-    // Children before parents, each labelled for the garbage collector as containerd does.
-    let distribution = (
-        format!("containerd.io/distribution.source.{}", reference.registry),
-        reference.repository.clone(),
-    );
-    let mut config_labels = HashMap::from([distribution.clone()]);
-    if let Some(top) = chains.last() {
-        config_labels.insert(
-            format!("containerd.io/gc.ref.snapshot.{}", opts.snapshotter),
-            top.clone(),
-        );
-    }
-    put_blob(
-        &containerd,
-        &image.config_digest,
-        &image.config,
-        config_labels,
-    )
-    .await?;
-    let mut manifest_labels = HashMap::from([
-        distribution.clone(),
-        (
-            "containerd.io/gc.ref.content.config".to_owned(),
-            image.config_digest.clone(),
-        ),
-    ]);
-    for (i, layer) in image.layers.iter().enumerate() {
-        manifest_labels.insert(
-            format!("containerd.io/gc.ref.content.l.{i}"),
-            layer.digest.clone(),
-        );
-    }
-    put_blob(
-        &containerd,
-        &image.manifest_digest,
-        &image.manifest,
-        manifest_labels,
-    )
-    .await?;
-    let target = match &image.index {
-        Some(index) => {
-            let labels = HashMap::from([
-                distribution,
-                (
-                    "containerd.io/gc.ref.content.m.0".to_owned(),
-                    image.manifest_digest.clone(),
-                ),
-            ]);
-            put_blob(&containerd, &index.digest, &index.body, labels).await?;
-            descriptor(&index.media_type, &index.digest, index.body.len() as u64)
+        let mut manifest_labels = HashMap::from([
+            distribution.clone(),
+            (
+                "containerd.io/gc.ref.content.config".to_owned(),
+                image.config_digest.clone(),
+            ),
+        ]);
+        for (i, layer) in image.layers.iter().enumerate() {
+            manifest_labels.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                layer.digest.clone(),
+            );
         }
-        None => descriptor(
-            &image.manifest_media_type,
+        put_blob(
+            &containerd,
             &image.manifest_digest,
-            image.manifest.len() as u64,
-        ),
-    };
-    containerd.set_image(&reference.to_string(), target).await?;
-    containerd.release().await?;
+            &image.manifest,
+            manifest_labels,
+        )
+        .await?;
+        let target = match &image.index {
+            Some(index) => {
+                let labels = HashMap::from([
+                    distribution,
+                    (
+                        "containerd.io/gc.ref.content.m.0".to_owned(),
+                        image.manifest_digest.clone(),
+                    ),
+                ]);
+                put_blob(&containerd, &index.digest, &index.body, labels).await?;
+                descriptor(&index.media_type, &index.digest, index.body.len() as u64)
+            }
+            None => descriptor(
+                &image.manifest_media_type,
+                &image.manifest_digest,
+                image.manifest.len() as u64,
+            ),
+        };
+        containerd.set_image(&reference.to_string(), target).await?;
+        Ok::<_, Error>(layers)
+    }
+    .await;
+    let released = containerd.release().await;
+    let layers = recorded?;
+    released?;
 
     let after = node_counters(opts.node.as_deref()).await;
     let delta = |pick: fn(&(u64, u64)) -> u64| {
@@ -399,7 +407,9 @@ async fn download(
             "{node}/v2/{}/blobs/{digest}?ns={}",
             source.repository, source.registry
         );
-        let response = reqwest::get(&url)
+        let response = http_client()?
+            .get(&url)
+            .send()
             .await
             .and_then(reqwest::Response::error_for_status)
             .map_err(|source| Error::Mirror {
@@ -438,10 +448,25 @@ async fn download(
     Ok(stream.boxed())
 }
 
+/// For the node's mirror and metrics: a node that accepts connections but stalls makes the
+/// pull fail, not hang.
+fn http_client() -> Result<reqwest::Client, Error> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .read_timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|source| Error::Mirror {
+            url: "(client)".into(),
+            source,
+        })
+}
+
 /// The node's `(bytes_from_peers, bytes_from_upstream)` counters, from its `/metrics`.
 async fn node_counters(node: Option<&str>) -> Option<(u64, u64)> {
-    let text = reqwest::get(format!("{}/metrics", node?))
+    let request = http_client().ok()?.get(format!("{}/metrics", node?)).send();
+    let text = tokio::time::timeout(Duration::from_secs(5), request)
         .await
+        .ok()?
         .ok()?
         .text()
         .await
