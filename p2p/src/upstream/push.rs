@@ -264,6 +264,14 @@ fn upload_location(response: &Response, start: &str, target: &Target<'_>) -> Res
     if !matches!(url.scheme(), "http" | "https") {
         return Err(target.bad(format!("Location {location:?} is not an http(s) URL")));
     }
+    // The upload carries the registry's credentials: never to another host.
+    if (url.host_str(), url.port_or_known_default())
+        != (base.host_str(), base.port_or_known_default())
+    {
+        return Err(target.bad(format!(
+            "Location {location:?} is on another host than the registry; not sending its credentials there"
+        )));
+    }
     Ok(url)
 }
 
@@ -297,6 +305,29 @@ mod tests {
             url.query(),
             Some(format!("digest=sha256%3A{}", digest.hex()).as_str())
         );
+        Ok(())
+    }
+
+    #[test]
+    fn an_upload_is_never_sent_to_another_host() -> anyhow::Result<()> {
+        let src = BlobSource::new("r:5000", "a");
+        let target = Target {
+            src: &src,
+            what: "blob upload".into(),
+        };
+        let start = "http://r:5000/v2/a/blobs/uploads/";
+        let answer = |location: &str| -> anyhow::Result<Response> {
+            Ok(Response::from(
+                axum::http::Response::builder()
+                    .status(202)
+                    .header(LOCATION, location)
+                    .body(Vec::<u8>::new())?,
+            ))
+        };
+        let same = upload_location(&answer("/v2/a/blobs/uploads/u1")?, start, &target)?;
+        assert_eq!(same.as_str(), "http://r:5000/v2/a/blobs/uploads/u1");
+        assert!(upload_location(&answer("http://elsewhere:5000/u1")?, start, &target).is_err());
+        assert!(upload_location(&answer("http://r:6000/u1")?, start, &target).is_err());
         Ok(())
     }
 }
