@@ -114,9 +114,27 @@ fn a_container_starts_before_its_layer_has_arrived() -> Result<()> {
     // `shoal status` shows the lazy mounts, and the big layer still partly in the registry.
     let status = shoal_integration::shoal::shoal_cli(
         &node.config_path(),
-        &["status", "--json", "--node", &node.mirror_url()],
+        &[
+            "status",
+            "--json",
+            "--node",
+            &node.mirror_url(),
+            "--address",
+            &containerd.address().display().to_string(),
+        ],
     )?;
     let status: serde_json::Value = serde_json::from_str(&status)?;
+    // containerd's image, with both its layers mounted lazily.
+    let listed = status["images"]
+        .as_array()
+        .with_context(|| format!("no images in {status}"))?
+        .iter()
+        .any(|i| i["name"] == image.as_str() && i["layers"] == 2 && i["layers_lazy"] == 2);
+    ensure!(
+        listed,
+        "status does not show the image as lazy: {}",
+        status["images"]
+    );
     let layers = pull_layers(&summary);
     let mounted: Vec<&str> = status["lazy_mounts"]
         .as_array()

@@ -57,6 +57,9 @@ struct StatusArgs {
     /// The node's mirror/metrics address; default `http://<mirror.listen>` from the config.
     #[arg(long, value_name = "URL")]
     node: Option<String>,
+    /// containerd's socket, for the images it has (the node does not know image names).
+    #[arg(long, short, default_value = "/run/containerd/containerd.sock")]
+    address: PathBuf,
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
@@ -198,7 +201,11 @@ async fn status(cfg: Config, args: StatusArgs) -> anyhow::Result<()> {
     let node = args
         .node
         .unwrap_or_else(|| format!("http://{}", cfg.mirror.listen));
-    let report = client::sample(&node, std::time::Duration::from_secs(1)).await?;
+    let mut report = client::sample(&node, std::time::Duration::from_secs(1)).await?;
+    match shoal_plugin::status::images::list(&args.address, &report.status).await {
+        Ok(images) => report.images = Some(images),
+        Err(e) => report.images_error = Some(format!("{e:#}")),
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

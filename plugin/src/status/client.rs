@@ -39,6 +39,12 @@ pub struct Report {
     #[serde(flatten)]
     pub status: NodeStatus,
     pub throughput: Throughput,
+    /// containerd's images and what the node holds of them; `None` when containerd could not
+    /// be asked (see `images_error`).
+    #[serde(default)]
+    pub images: Option<Vec<super::images::ImageStatus>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images_error: Option<String>,
 }
 
 /// Bytes per second between the two samples.
@@ -100,7 +106,12 @@ pub async fn sample(node: &str, interval: Duration) -> Result<Report, StatusErro
     tokio::time::sleep(interval).await;
     let status = fetch(&client, node).await?;
     let throughput = Throughput::between(&first.bytes, &status.bytes, started.elapsed());
-    Ok(Report { status, throughput })
+    Ok(Report {
+        status,
+        throughput,
+        images: None,
+        images_error: None,
+    })
 }
 
 fn mib(bytes: f64) -> String {
@@ -163,7 +174,22 @@ pub fn render(report: &Report) -> String {
             }
         }
     }
-    out.push_str("images: not known to the node (containerd keeps image names: `ctr images ls`)\n");
+    match (&report.images, &report.images_error) {
+        (Some(images), _) => {
+            let _ = writeln!(out, "images (from containerd): {}", images.len());
+            for i in images {
+                let _ = writeln!(
+                    out,
+                    "  {}/{}  {} layers: {} complete here, {} lazy",
+                    i.namespace, i.name, i.layers, i.layers_complete, i.layers_lazy
+                );
+            }
+        }
+        (None, Some(why)) => {
+            let _ = writeln!(out, "images: unknown ({why})");
+        }
+        (None, None) => {}
+    }
     out
 }
 
@@ -209,6 +235,15 @@ mod tests {
                 Duration::from_secs(1),
             ),
             status: status(2 << 20),
+            images: Some(vec![super::super::images::ImageStatus {
+                namespace: "default".into(),
+                name: "registry.example/app:v1".into(),
+                target: format!("sha256:{}", "c".repeat(64)),
+                layers: 2,
+                layers_complete: 1,
+                layers_lazy: 1,
+            }]),
+            images_error: None,
         };
         let text = render(&report);
         for want in [
@@ -216,7 +251,7 @@ mod tests {
             "2.0 MiB/s from peers",
             "partial   1/3 pieces",
             "layer sha256:bbbb",
-            "images: not known",
+            "default/registry.example/app:v1  2 layers: 1 complete here, 1 lazy",
         ] {
             assert!(text.contains(want), "{want:?} not in\n{text}");
         }

@@ -5,10 +5,12 @@
 //! lazy mounts from [`Lazy`], peers and byte counters from the swarm's metrics. The CLI side
 //! ([`client`]) fetches it twice, a second apart, to turn the counters into a throughput.
 //!
-//! Images are not listed: containerd keeps image names in its own metadata, which the node never
-//! sees (`ctr images ls` shows them); the node knows blobs by digest.
+//! Images come from containerd, not the node: containerd keeps image names in its own metadata,
+//! which the node never sees, so the CLI asks containerd ([`images`]) and matches each image's
+//! layers with the node's blobs and lazy mounts.
 
 pub mod client;
+pub mod images;
 
 use std::path::PathBuf;
 
