@@ -143,6 +143,17 @@ pub(crate) struct SwarmCtx {
     upload_slots: Arc<tokio::sync::Semaphore>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// Open peer connections, by (blob, connection id): what `shoal status` lists.
+    links: Mutex<HashMap<(Digest, u64), (PeerId, String)>>,
+}
+
+/// A peer this node is connected to, as `shoal status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerLink {
+    pub peer_id: String,
+    pub addr: String,
+    /// Blobs exchanged over connections with it.
+    pub blobs: usize,
 }
 
 /// A node's (or seed's) swarm peer.
@@ -181,11 +192,30 @@ impl Swarm {
             metrics,
             tasks: TaskTracker::new(),
             shutdown,
+            links: Mutex::new(HashMap::new()),
         };
         Ok(Arc::new(Self {
             ctx: Arc::new(ctx),
             torrents: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// The peers this node has connections with: each peer's id and address, and over how
+    /// many blobs.
+    pub fn peers(&self) -> Vec<PeerLink> {
+        let links = self.ctx.links.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers: HashMap<PeerId, PeerLink> = HashMap::new();
+        for (peer_id, addr) in links.values() {
+            let link = peers.entry(*peer_id).or_insert_with(|| PeerLink {
+                peer_id: peer_id.to_string(),
+                addr: addr.clone(),
+                blobs: 0,
+            });
+            link.blobs += 1;
+        }
+        let mut peers: Vec<PeerLink> = peers.into_values().collect();
+        peers.sort_by(|a, b| a.addr.cmp(&b.addr));
+        peers
     }
 
     pub fn peer_id(&self) -> PeerId {

@@ -132,6 +132,9 @@ pub fn render(report: &Report) -> String {
         mib(s.store_bytes as f64)
     );
     let _ = writeln!(out, "peers connected: {}", s.peers_connected);
+    for p in &s.peers {
+        let _ = writeln!(out, "  {} at {} ({} blobs)", p.peer_id, p.addr, p.blobs);
+    }
     let _ = writeln!(
         out,
         "throughput over {:.1} s: {}/s from peers, {}/s from the registry, {}/s to peers",
@@ -218,6 +221,11 @@ mod tests {
                 dir: "/var/lib/shoal/snapshotter/snapshots/3/fs".into(),
             }]),
             peers_connected: 2,
+            peers: vec![shoal_p2p::swarm::PeerLink {
+                peer_id: "77".into(),
+                addr: "10.0.0.2:7071".into(),
+                blobs: 2,
+            }],
             bytes: ByteCounters {
                 from_peers,
                 from_upstream: 0,
@@ -248,6 +256,7 @@ mod tests {
         let text = render(&report);
         for want in [
             "peers connected: 2",
+            "77 at 10.0.0.2:7071 (2 blobs)",
             "2.0 MiB/s from peers",
             "partial   1/3 pieces",
             "layer sha256:bbbb",

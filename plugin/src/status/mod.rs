@@ -32,6 +32,9 @@ pub struct NodeStatus {
     /// `None` on a seed.
     pub lazy_mounts: Option<Vec<LazyMount>>,
     pub peers_connected: i64,
+    /// The peers behind those connections.
+    #[serde(default)]
+    pub peers: Vec<shoal_p2p::swarm::PeerLink>,
     pub bytes: ByteCounters,
 }
 
@@ -100,6 +103,7 @@ pub fn collect(swarm: &Swarm, lazy: Option<&Lazy>) -> NodeStatus {
         store_bytes: store.used_bytes(),
         blobs,
         lazy_mounts,
+        peers: swarm.peers(),
         peers_connected: metrics.peers_connected.get(),
         bytes: ByteCounters {
             from_peers: metrics.bytes_from_peers.get(),

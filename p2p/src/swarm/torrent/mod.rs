@@ -256,8 +256,11 @@ impl Torrent {
             }
             self.schedule();
         }
-        for p in self.peers.values() {
+        let mut links = self.ctx.links.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, p) in self.peers.drain() {
             p.cancel.cancel();
+            self.ctx.metrics.peers_connected.dec();
+            links.remove(&(self.digest, id));
         }
     }
 

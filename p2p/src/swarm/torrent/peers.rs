@@ -100,6 +100,11 @@ impl Torrent {
         };
         self.ctx.tasks.spawn(conn.run(transport));
         self.ctx.metrics.peers_connected.inc();
+        self.ctx
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((self.digest, id), (hello.peer_id, addr.clone()));
         self.peers.insert(
             id,
             Peer {
@@ -150,6 +155,11 @@ impl Torrent {
         debug!(digest = ?self.digest, peer = ?peer.peer_id, addr = %peer.addr, reason, "dropping peer");
         peer.cancel.cancel();
         self.ctx.metrics.peers_connected.dec();
+        self.ctx
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(self.digest, conn));
         if let Some(s) = self.sched.as_mut() {
             s.peer_removed(&peer.has);
             for i in peer.has.iter_ones() {
