@@ -80,7 +80,7 @@ pub struct ChunkCache {
 }
 
 struct State {
-    chunks: LruCache<ChunkKey, Arc<[u8]>>,
+    chunks: LruCache<ChunkKey, Arc<Vec<u8>>>,
     bytes: u64,
     in_flight: HashMap<ChunkKey, Arc<Flight>>,
 }
@@ -88,17 +88,17 @@ struct State {
 /// One fetch under way, which late readers wait on.
 #[derive(Default)]
 struct Flight {
-    outcome: Mutex<Option<Option<Arc<[u8]>>>>,
+    outcome: Mutex<Option<Option<Arc<Vec<u8>>>>>,
     done: Condvar,
 }
 
 impl Flight {
-    fn finish(&self, bytes: Option<Arc<[u8]>>) {
+    fn finish(&self, bytes: Option<Arc<Vec<u8>>>) {
         *lock(&self.outcome) = Some(bytes);
         self.done.notify_all();
     }
 
-    fn wait(&self) -> Option<Arc<[u8]>> {
+    fn wait(&self) -> Option<Arc<Vec<u8>>> {
         let mut outcome = lock(&self.outcome);
         loop {
             if let Some(bytes) = outcome.as_ref() {
@@ -117,7 +117,7 @@ struct FlightGuard<'a> {
     cache: &'a ChunkCache,
     key: ChunkKey,
     flight: Arc<Flight>,
-    result: Option<Arc<[u8]>>,
+    result: Option<Arc<Vec<u8>>>,
 }
 
 impl Drop for FlightGuard<'_> {
@@ -157,7 +157,7 @@ impl ChunkCache {
         &self,
         key: ChunkKey,
         fetch: impl FnOnce() -> Result<Vec<u8>, E>,
-    ) -> Result<Arc<[u8]>, FetchError<E>> {
+    ) -> Result<Arc<Vec<u8>>, FetchError<E>> {
         let flight = {
             let mut state = lock(&self.state);
             if let Some(bytes) = state.chunks.get(&key) {
@@ -181,7 +181,8 @@ impl ChunkCache {
             flight,
             result: None,
         };
-        let bytes: Arc<[u8]> = fetch().map_err(FetchError::Failed)?.into();
+        // The inflated buffer is kept as it is: no copy of a 4 MiB chunk into a new allocation.
+        let bytes = Arc::new(fetch().map_err(FetchError::Failed)?);
         guard.result = Some(bytes.clone());
         Ok(bytes)
     }
@@ -203,7 +204,7 @@ impl ChunkCache {
         }
     }
 
-    fn insert(&self, state: &mut State, key: ChunkKey, bytes: Arc<[u8]>) {
+    fn insert(&self, state: &mut State, key: ChunkKey, bytes: Arc<Vec<u8>>) {
         let len = bytes.len() as u64;
         if len > self.capacity {
             return;
@@ -268,9 +269,9 @@ mod tests {
     fn hit_after_fetch() -> anyhow::Result<()> {
         let cache = ChunkCache::new(100);
         let got = cache.get_or_fetch(key(0), || Ok::<_, ()>(vec![1; 10]));
-        assert_eq!(got.as_deref(), Ok(&[1u8; 10][..]));
+        assert_eq!(got.as_deref().map(Vec::as_slice), Ok(&[1u8; 10][..]));
         let got = cache.get_or_fetch(key(0), || Err("must not fetch again"));
-        assert_eq!(got.as_deref(), Ok(&[1u8; 10][..]));
+        assert_eq!(got.as_deref().map(Vec::as_slice), Ok(&[1u8; 10][..]));
         let stats = cache.stats();
         assert_eq!((stats.hits, stats.fetches, stats.bytes), (1, 1, 10));
         Ok(())

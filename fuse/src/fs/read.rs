@@ -6,6 +6,9 @@
 //!
 //! [`ChunkCache`]: crate::cache::ChunkCache
 
+use std::ops::Range;
+use std::sync::Arc;
+
 use fuser::Errno;
 use tracing::warn;
 
@@ -14,9 +17,29 @@ use super::{BoxError, Counters, LayerFs};
 use crate::cache::{ChunkKey, FetchError};
 use crate::index::{Chunk, Ino, Kind};
 
+/// The bytes of one read: a slice of a cached chunk when the read falls within one chunk (the
+/// usual case: the kernel reads 128 KiB at a time, chunks are 4 MiB), so they are copied only
+/// into the reply; assembled when it spans chunks.
+#[derive(Debug)]
+pub(super) enum ReadBytes {
+    Chunk(Arc<Vec<u8>>, Range<usize>),
+    Assembled(Vec<u8>),
+}
+
+impl std::ops::Deref for ReadBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadBytes::Chunk(chunk, range) => &chunk[range.clone()],
+            ReadBytes::Assembled(bytes) => bytes,
+        }
+    }
+}
+
 impl LayerFs {
     /// Up to `size` bytes of file `ino` from `offset`; fewer at the end of the file.
-    pub(super) fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    pub(super) fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<ReadBytes, Errno> {
         Counters::add(&self.counters.reads, 1);
         let result = self.read_range(ino, offset, size);
         match &result {
@@ -27,7 +50,7 @@ impl LayerFs {
         result
     }
 
-    fn read_range(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    fn read_range(&self, ino: Ino, offset: u64, size: u32) -> Result<ReadBytes, Errno> {
         let node = self.node(ino)?;
         match node.kind {
             Kind::File => {}
@@ -36,12 +59,27 @@ impl LayerFs {
         }
         let end = offset.saturating_add(u64::from(size)).min(node.size);
         if offset >= end {
-            return Ok(Vec::new());
+            return Ok(ReadBytes::Assembled(Vec::new()));
         }
-        let mut out = Vec::with_capacity((end - offset) as usize);
         let first = node
             .chunks
             .partition_point(|c| c.file_offset + c.size <= offset);
+        if let Some(chunk) = node.chunks.get(first)
+            && chunk.file_offset <= offset
+            && end <= chunk.file_offset + chunk.size
+        {
+            let bytes = self.chunk(ino, chunk)?;
+            let range = (offset - chunk.file_offset) as usize..(end - chunk.file_offset) as usize;
+            if bytes.len() < range.end {
+                warn!(path = %self.path_of(ino), offset, "a chunk is shorter than the TOC says");
+                return Err(Errno::EIO);
+            }
+            if let Some(readahead) = &self.readahead {
+                readahead.after_read(ino, &node.chunks, offset, end, &self.cache);
+            }
+            return Ok(ReadBytes::Chunk(bytes, range));
+        }
+        let mut out = Vec::with_capacity((end - offset) as usize);
         for chunk in node.chunks[first..]
             .iter()
             .take_while(|c| c.file_offset < end)
@@ -60,11 +98,11 @@ impl LayerFs {
         if let Some(readahead) = &self.readahead {
             readahead.after_read(ino, &node.chunks, offset, end, &self.cache);
         }
-        Ok(out)
+        Ok(ReadBytes::Assembled(out))
     }
 
     /// One chunk's verified bytes, exactly `chunk.size` of them.
-    fn chunk(&self, ino: Ino, chunk: &Chunk) -> Result<std::sync::Arc<[u8]>, Errno> {
+    fn chunk(&self, ino: Ino, chunk: &Chunk) -> Result<Arc<Vec<u8>>, Errno> {
         let fetched = self
             .cache
             .get_or_fetch(ChunkKey::from(chunk), || fetch_chunk(&*self.data, chunk));
