@@ -69,6 +69,9 @@ pub struct Lazy {
 struct Mounted {
     mount: LayerMount,
     layer: Digest,
+    /// Ends the wait for the whole blob (before the passthrough copies) when unmounted, so an
+    /// unmounted layer holds no blob in the store.
+    _unmounted: tokio_util::sync::DropGuard,
 }
 
 /// One lazily mounted layer, as `shoal status` lists it.
@@ -329,11 +332,14 @@ impl LazyLayers for Lazy {
             self.swarm.want(&layer.digest, range);
         }
         let materializer = mount.materializer().filter(|_| self.cfg.materialize);
+        let unmounted = tokio_util::sync::CancellationToken::new();
+        let gone = unmounted.clone();
         self.lock().insert(
             name.to_owned(),
             Mounted {
                 mount,
                 layer: layer.digest,
+                _unmounted: unmounted.drop_guard(),
             },
         );
         if let (Some(materializer), Some(blob)) =
@@ -343,8 +349,13 @@ impl LazyLayers for Lazy {
             // longer go through FUSE at all. Dropping the mount ends the copies.
             let snapshot = name.to_owned();
             tokio::spawn(async move {
-                if blob.wait_range(0..blob.size()).await.is_err() {
-                    return;
+                tokio::select! {
+                    local = blob.wait_range(0..blob.size()) => {
+                        if local.is_err() {
+                            return;
+                        }
+                    }
+                    () = gone.cancelled() => return,
                 }
                 let queued = tokio::task::spawn_blocking(move || materializer.run()).await;
                 info!(
