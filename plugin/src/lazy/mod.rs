@@ -361,7 +361,7 @@ impl LazyLayers for Lazy {
                 info!(
                     snapshot,
                     files = queued.unwrap_or(0),
-                    "layer local: passthrough copies made"
+                    "layer local: every file queued for its passthrough copy"
                 );
             });
         }
