@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -24,9 +23,7 @@ use k8s_cri::v1::{
 };
 use shoal_integration::containerd::{Options, mounts_under, shoal_proxy_config};
 use shoal_integration::shoal::{Node, NodeOptions};
-use shoal_integration::{
-    Containerd, ImageBuilder, Registry, caps, hosts_dir, http, random_bytes, shoal_bin,
-};
+use shoal_integration::{Containerd, ImageBuilder, Registry, caps, hosts_dir, http, random_bytes};
 use tonic::transport::Channel;
 
 const NEEDS: &[&str] = &["docker-registry", "skopeo", "containerd", "runc", "ctr"];
@@ -393,23 +390,14 @@ fn lazy_image(dir: &Path, registry: &Registry) -> Result<(String, String)> {
         .compression_level(1)
         .build(&dir.join("image"))?
         .push(&registry.addr(), "test/cri:plain")?;
-    let config = dir.join("convert.toml");
-    std::fs::write(
-        &config,
-        format!("[registry]\ninsecure = [{:?}]\n", registry.addr()),
-    )?;
     let converted = format!("{}/test/cri:esgz", registry.addr());
-    let out = Command::new(shoal_bin()?)
-        .arg("--config")
-        .arg(&config)
-        .args(["convert", &format!("{}/test/cri:plain", registry.addr())])
-        .arg(&converted)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "shoal convert failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    shoal_integration::shoal::convert(
+        dir,
+        &registry.addr(),
+        &format!("{}/test/cri:plain", registry.addr()),
+        &converted,
+        &[],
+    )?;
     Ok((converted, largest_layer(registry, "test/cri", "esgz")?))
 }
 

@@ -12,10 +12,6 @@ use shoal_integration::containerd::shoal_proxy_config;
 use shoal_integration::shoal::{Node, NodeOptions, Tracker, convert};
 use shoal_integration::{Containerd, ImageBuilder, Registry, caps, http, random_bytes};
 
-fn pull(node: &Node, containerd: &Containerd, image: &str) -> Result<serde_json::Value> {
-    node.pull(containerd, image)
-}
-
 /// Layers `shoal pull` reported with `outcome`.
 fn outcomes(summary: &serde_json::Value, outcome: &str) -> usize {
     summary["layers"]
@@ -82,7 +78,7 @@ fn a_container_starts_before_its_layer_has_arrived() -> Result<()> {
     let mut node = Node::start(dir, "node", &opts)?;
     let containerd = Containerd::start(&dir.join("containerd"), &shoal_proxy_config(&node.socket))?;
 
-    let summary = pull(&node, &containerd, &image)?;
+    let summary = node.pull(&containerd, &image)?;
     ensure!(
         outcomes(&summary, "lazy") == 2,
         "both layers should be lazy: {summary}"
@@ -212,7 +208,7 @@ fn lazy_reads_on_a_second_node_come_from_the_first() -> Result<()> {
         &dir.join("containerd-1"),
         &shoal_proxy_config(&first.socket),
     )?;
-    let first_summary = pull(&first, &first_containerd, &image)?;
+    let first_summary = first.pull(&first_containerd, &image)?;
     let out = first_containerd.run_with(&["--rm", "--snapshotter", "shoal"], &image, "a", &[])?;
     ensure!(
         out == "hello from a lazy layer\n1024\n",
@@ -255,7 +251,7 @@ fn lazy_reads_on_a_second_node_come_from_the_first() -> Result<()> {
         &dir.join("containerd-2"),
         &shoal_proxy_config(&second.socket),
     )?;
-    let summary = pull(&second, &second_containerd, &image)?;
+    let summary = second.pull(&second_containerd, &image)?;
     ensure!(
         outcomes(&summary, "lazy") == 2,
         "lazy on the second node: {summary}"
@@ -313,7 +309,7 @@ fn a_layer_whose_toc_lies_is_unpacked_normally() -> Result<()> {
         },
     )?;
     let containerd = Containerd::start(&dir.join("containerd"), &shoal_proxy_config(&node.socket))?;
-    let summary = pull(&node, &containerd, &lying)?;
+    let summary = node.pull(&containerd, &lying)?;
     ensure!(
         outcomes(&summary, "lazy") == 1 && outcomes(&summary, "unpacked") == 1,
         "the lying layer must be unpacked, the other mounted lazily: {summary}"
@@ -348,7 +344,7 @@ fn a_read_with_nowhere_to_come_from_fails_with_eio_then_recovers() -> Result<()>
     };
     let node = Node::start(dir, "node", &opts)?;
     let containerd = Containerd::start(&dir.join("containerd"), &shoal_proxy_config(&node.socket))?;
-    pull(&node, &containerd, &image)?;
+    node.pull(&containerd, &image)?;
     let flags = ["--rm", "--snapshotter", "shoal"];
     // The last 4 KiB of the big file, which the slow background fetch has not reached.
     let tail = [
@@ -484,7 +480,7 @@ fn a_lazy_image_looks_exactly_like_the_same_image_on_overlayfs() -> Result<()> {
         "overlayfs",
         &plain.reference,
     ])?;
-    let summary = pull(&node, &containerd, &lazy)?;
+    let summary = node.pull(&containerd, &lazy)?;
     ensure!(
         outcomes(&summary, "lazy") == 3,
         "every layer lazy: {summary}"

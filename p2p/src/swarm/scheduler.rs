@@ -140,15 +140,9 @@ impl Scheduler {
     /// readers' pieces first, then in order from this back-sourcer's starting point (in order is
     /// what a streaming reader wants next).
     pub fn pick_for_upstream(&self, stripe: Stripe) -> Option<u32> {
-        let eligible = |i: u32| {
-            self.wanted(i) && self.requested[i as usize] == 0 && self.avail[i as usize] == 0
-        };
         let n = self.have.len();
         let (start, end) = (stripe.start(n), stripe.end(n));
-        self.priority
-            .iter()
-            .copied()
-            .find(|&i| eligible(i))
+        self.pick_urgent_for_upstream(None)
             // Own share forward, then the rest backward from the end: another back-sourcer going
             // forward through its share meets us in the middle of what is left, instead of
             // both fetching the same pieces side by side.
@@ -156,7 +150,7 @@ impl Scheduler {
                 (start..end)
                     .chain((end..n).rev())
                     .chain((0..start).rev())
-                    .find(|&i| eligible(i))
+                    .find(|&i| self.free_upstream(i))
             })
     }
 
@@ -164,17 +158,23 @@ impl Scheduler {
     /// any. With `needed_for`, only a piece a reader has been blocked on for that long (time for
     /// the peers that have it to connect and say so).
     pub fn pick_urgent_for_upstream(&self, needed_for: Option<Duration>) -> Option<u32> {
-        let free = |i: u32| {
-            self.wanted(i) && self.requested[i as usize] == 0 && self.avail[i as usize] == 0
-        };
         match needed_for {
-            None => self.priority.iter().copied().find(|&i| free(i)),
+            None => self
+                .priority
+                .iter()
+                .copied()
+                .find(|&i| self.free_upstream(i)),
             Some(grace) => self
                 .needed
                 .iter()
-                .find(|&(&i, since)| since.elapsed() >= grace && free(i))
+                .find(|&(&i, since)| since.elapsed() >= grace && self.free_upstream(i))
                 .map(|(&i, _)| i),
         }
+    }
+
+    /// Missing, requested from nobody, on no connected peer: only upstream can provide it.
+    fn free_upstream(&self, i: u32) -> bool {
+        self.wanted(i) && self.requested[i as usize] == 0 && self.avail[i as usize] == 0
     }
 
     /// Whether a reader is waiting for piece `index`.

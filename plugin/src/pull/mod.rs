@@ -461,23 +461,12 @@ fn http_client() -> Result<reqwest::Client, Error> {
         })
 }
 
-/// The node's `(bytes_from_peers, bytes_from_upstream)` counters, from its `/metrics`.
+/// The node's `(bytes_from_peers, bytes_from_upstream)` counters, from its `/status`.
 async fn node_counters(node: Option<&str>) -> Option<(u64, u64)> {
-    let request = http_client().ok()?.get(format!("{}/metrics", node?)).send();
-    let text = tokio::time::timeout(Duration::from_secs(5), request)
-        .await
-        .ok()?
-        .ok()?
-        .text()
-        .await
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
         .ok()?;
-    let counter = |name: &str| {
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
-            .map(|v| v as u64)
-    };
-    Some((
-        counter("shoal_swarm_bytes_from_peers_total ")?,
-        counter("shoal_swarm_bytes_from_upstream_total ")?,
-    ))
+    let status = crate::status::client::fetch(&client, node?).await.ok()?;
+    Some((status.bytes.from_peers, status.bytes.from_upstream))
 }
