@@ -240,7 +240,8 @@ fn overlay_over_layers_matches_overlay_over_unpacked() -> anyhow::Result<()> {
     let (lower_blob, upper_blob) = (blob(&lower)?, blob(&upper)?);
     // The lower layer with passthrough: overlayfs must stack on it all the same.
     let passthrough = FsOptions {
-        passthrough_dir: Some(p("copies")),
+        copies_dir: Some(p("copies")),
+        passthrough: true,
         ..FsOptions::default()
     };
     let lower_mnt = mount_blob(&lower_blob, local(&lower_blob)?, &p("lower"), passthrough)?;
@@ -392,7 +393,8 @@ fn local_layer_is_passed_through() -> anyhow::Result<()> {
     let at = tempfile::tempdir()?;
     let copies = tempfile::tempdir()?;
     let opts = FsOptions {
-        passthrough_dir: Some(copies.path().join("pt")),
+        copies_dir: Some(copies.path().join("pt")),
+        passthrough: true,
         ..FsOptions::default()
     };
     let mnt = mount_blob(&blob, local(&blob)?, at.path(), opts)?;

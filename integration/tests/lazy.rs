@@ -4,7 +4,7 @@
 //! registry. The node is restarted with the container's image in place and the layer mounts
 //! again. A second node reads the same layer lazily from the first one, not from the registry.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -184,6 +184,12 @@ fn a_container_starts_before_its_layer_has_arrived() -> Result<()> {
     shoal_integration::wait_until(Duration::from_secs(10), "lazy layers to unmount", || {
         Ok(fuse_mounts(&node.root)? == 0)
     })?;
+    // The layers' local copies go with their last snapshot.
+    ensure!(
+        copy_files(&node.root)?.is_empty(),
+        "copies left after the image was removed: {:?}",
+        copy_files(&node.root)?
+    );
     Ok(())
 }
 
@@ -203,7 +209,7 @@ fn lazy_reads_on_a_second_node_come_from_the_first() -> Result<()> {
         tracker: Some(tracker.url()),
         ..NodeOptions::default()
     };
-    let first = Node::start(dir, "first", &opts)?;
+    let mut first = Node::start(dir, "first", &opts)?;
     let first_containerd = Containerd::start(
         &dir.join("containerd-1"),
         &shoal_proxy_config(&first.socket),
@@ -222,19 +228,11 @@ fn lazy_reads_on_a_second_node_come_from_the_first() -> Result<()> {
     )?;
     let layers: Vec<String> = pull_layers(&first_summary);
     let served_before = layer_bytes_served(&registry, &layers)?;
-    // With both blobs local, every file gets its verified passthrough copy, and the next
+    // With both blobs local, every file gets its verified local copy, and the next
     // container's opens go straight to the kernel.
-    let copies = first.root.join("lazy/passthrough");
-    shoal_integration::wait_until(Duration::from_secs(30), "passthrough copies", || {
-        let mut files = 0;
-        for dir in std::fs::read_dir(&copies)? {
-            files += std::fs::read_dir(dir?.path())?
-                .filter_map(Result::ok)
-                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                .count();
-        }
+    shoal_integration::wait_until(Duration::from_secs(30), "local copies", || {
         // busybox, /data/small, /data/big at least.
-        Ok(files >= 3)
+        Ok(first.metric("shoal_fuse_local_copies_total")? >= 3.0)
     })?;
     let out = first_containerd.run_with(&["--rm", "--snapshotter", "shoal"], &image, "a2", &[])?;
     ensure!(
@@ -244,6 +242,18 @@ fn lazy_reads_on_a_second_node_come_from_the_first() -> Result<()> {
     ensure!(
         first.metric("shoal_fuse_passthrough_opens_total")? > 0.0,
         "no passthrough open once the layers were local"
+    );
+    // The copies outlive a restart of the node: checked again, not written again.
+    let before = copy_files(&first.root)?;
+    ensure!(before.len() >= 3, "copies on disk: {before:?}");
+    first.child.stop()?;
+    let first = Node::start(dir, "first", &opts)?;
+    shoal_integration::wait_until(Duration::from_secs(30), "copies checked again", || {
+        Ok(first.metric("shoal_fuse_local_copies_total")? >= before.len() as f64)
+    })?;
+    ensure!(
+        copy_files(&first.root)? == before,
+        "the copies were written again after a restart"
     );
 
     let second = Node::start(dir, "second", &opts)?;
@@ -519,6 +529,26 @@ fn a_lazy_image_looks_exactly_like_the_same_image_on_overlayfs() -> Result<()> {
         "lazy:\n{on_shoal}\noverlayfs:\n{on_overlayfs}"
     );
     Ok(())
+}
+
+/// Every local copy a node keeps: its path and inode number (a rewritten copy gets a new one).
+fn copy_files(root: &Path) -> Result<std::collections::BTreeMap<PathBuf, u64>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut files = std::collections::BTreeMap::new();
+    let layers = match std::fs::read_dir(root.join("lazy/copies")) {
+        Ok(layers) => layers,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(files),
+        Err(e) => return Err(e.into()),
+    };
+    for layer in layers {
+        for file in std::fs::read_dir(layer?.path())? {
+            let file = file?;
+            if !file.file_name().to_string_lossy().starts_with('.') {
+                files.insert(file.path(), file.metadata()?.ino());
+            }
+        }
+    }
+    Ok(files)
 }
 
 fn pull_layers(summary: &serde_json::Value) -> Vec<String> {

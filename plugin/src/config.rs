@@ -98,12 +98,16 @@ pub struct FuseConfig {
     /// How long one read waits for its pieces (from peers or the registry) before failing
     /// with EIO; a read never hangs forever.
     pub read_timeout_ms: u64,
-    /// Once a file's bytes are all local, let the kernel read it directly (FUSE passthrough,
-    /// Linux 6.9+); falls back to normal FUSE reads where the kernel refuses.
+    /// Let the kernel read files that have a local copy directly (FUSE passthrough, Linux
+    /// 6.9+); falls back to reads through FUSE where the kernel refuses. A small local file is
+    /// copied before its first open returns, so it passes through at once.
     pub passthrough: bool,
-    /// With passthrough, once a layer's whole blob is local, write a verified copy of each of
-    /// its files (under `node.root/lazy/passthrough`, as much disk as the layer unpacked) so
-    /// every later open is a passthrough open; without it, a file is copied on its first open.
+    /// Once a layer's whole blob is local, write a verified, uncompressed copy of each of its
+    /// files (under `node.root/lazy/copies`, as much disk as the layer unpacked), so reads no
+    /// longer inflate and hash chunks, and with passthrough bypass FUSE. Copies are kept
+    /// across restarts (checked before use) and removed with the layer's last snapshot.
+    /// Without it (and without passthrough) nothing is copied; with passthrough alone, a file
+    /// is copied on its first open.
     pub materialize: bool,
     /// At mount, fetch the files the image marks as needed first (`.prefetch.landmark`).
     pub prefetch: bool,

@@ -11,15 +11,17 @@
 //! |---|---|
 //! | `mod.rs` | the public API, the shared state [`LayerFs`] and the mount guard |
 //! | `inode.rs` | metadata: attributes, lookup, directories, symlinks, xattrs, statfs |
-//! | `read.rs` | file bytes, through the chunk cache |
+//! | `read.rs` | file bytes, from a local copy or through the chunk cache |
 //! | `readahead.rs` | the next chunk of a file read sequentially, fetched on a helper thread |
-//! | `passthrough.rs` | files whose chunks are all local, served by the kernel from a verified copy |
+//! | `copies.rs` | verified uncompressed copies of local files, kept across mounts |
+//! | `passthrough.rs` | files with a copy, served by the kernel from it |
 //! | `ops.rs` | the `fuser::Filesystem` impl: a thin edge mapping requests to the above |
 //! | `session.rs` | `/dev/fuse`, mount(2), unmount, and detaching stale mounts |
 //!
 //! Requests are served by `threads` session threads, each with its own cloned `/dev/fuse` fd,
 //! so a read waiting on the network holds up only its own thread.
 
+mod copies;
 mod inode;
 mod ops;
 mod passthrough;
@@ -39,6 +41,7 @@ pub use session::unmount_stale;
 use crate::cache::ChunkCache;
 use crate::index::{Chunk, Index, Ino};
 use crate::source::ChunkSource;
+use copies::Copies;
 use passthrough::Passthrough;
 use readahead::ReadAhead;
 
@@ -49,9 +52,14 @@ pub struct FsOptions {
     pub cache_bytes: u64,
     /// Threads serving FUSE requests: this many reads can wait on the network at once.
     pub threads: usize,
-    /// Where to keep verified copies of fully local files for FUSE passthrough (kernel 6.9+,
-    /// needs `CAP_SYS_ADMIN`). The directory belongs to this mount alone. `None` disables it.
-    pub passthrough_dir: Option<PathBuf>,
+    /// Where to keep verified, uncompressed copies of files whose chunks are all local, which
+    /// reads then use instead of inflating chunks. The directory belongs to the layer: mounts
+    /// of the same layer (the same TOC) may share it, at once or one after another, and copies
+    /// found in it are checked before use. `None`: no copies, and so no passthrough.
+    pub copies_dir: Option<PathBuf>,
+    /// Let the kernel read files with a copy directly (FUSE passthrough, kernel 6.9+, needs
+    /// `CAP_SYS_ADMIN`); falls back to reads through FUSE where refused.
+    pub passthrough: bool,
     /// How long the kernel may cache attributes and lookups; layers never change.
     pub ttl: Duration,
 }
@@ -61,7 +69,8 @@ impl Default for FsOptions {
         FsOptions {
             cache_bytes: 64 << 20,
             threads: 4,
-            passthrough_dir: None,
+            copies_dir: None,
+            passthrough: false,
             ttl: Duration::from_secs(3600),
         }
     }
@@ -80,6 +89,8 @@ pub struct FsStats {
     pub cache_hits: u64,
     /// Opens answered with a passthrough backing file.
     pub passthrough_opens: u64,
+    /// Files given a verified local copy (written, or found from an earlier mount and checked).
+    pub local_copies: u64,
     /// Requests answered with `EIO`.
     pub eios: u64,
 }
@@ -89,8 +100,8 @@ pub struct FsStats {
 pub enum Error {
     #[error("mount options: {0}")]
     Options(&'static str),
-    #[error("preparing the passthrough directory {path}")]
-    PassthroughDir {
+    #[error("preparing the directory of local copies {path}")]
+    CopiesDir {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -152,23 +163,25 @@ pub(crate) fn mount_data(
     if opts.threads == 0 {
         return Err(Error::Options("threads must be at least 1"));
     }
-    let mut passthrough = match &opts.passthrough_dir {
-        Some(dir) => Some(
-            Passthrough::new(dir).map_err(|source| Error::PassthroughDir {
-                path: dir.clone(),
-                source,
-            })?,
-        ),
-        None => None,
-    };
+    let counters = Arc::new(Counters::default());
+    let mut copies =
+        match &opts.copies_dir {
+            Some(dir) => Some(Copies::new(dir, Arc::clone(&counters)).map_err(|source| {
+                Error::CopiesDir {
+                    path: dir.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+    let passthrough = (opts.passthrough && copies.is_some()).then(Passthrough::default);
     // Prefetching the landmark's range is the caller's choice (`Index::prefetch`).
     let cache = Arc::new(ChunkCache::new(opts.cache_bytes));
-    let counters = Arc::new(Counters::default());
-    if let Some(passthrough) = &mut passthrough
-        && let Err(e) = passthrough.start_copier(Arc::clone(&data), Arc::clone(&cache))
+    if let Some(copies) = &mut copies
+        && let Err(e) = copies.start_copier(Arc::clone(&data), Arc::clone(&cache))
     {
         // Every file is then copied before its first open returns.
-        tracing::warn!(error = %e, "no passthrough copy thread");
+        tracing::warn!(error = %e, "no copy thread");
     }
     // Without the helper thread reads still work, one chunk at a time.
     let readahead = ReadAhead::start(Arc::clone(&data), Arc::clone(&cache))
@@ -180,12 +193,13 @@ pub(crate) fn mount_data(
         cache: cache.clone(),
         counters: counters.clone(),
         ttl: opts.ttl,
+        copies,
         passthrough,
     };
     let materializer = fs
-        .passthrough
+        .copies
         .as_ref()
-        .and_then(Passthrough::materializer)
+        .and_then(Copies::materializer)
         .map(|queue| Materializer {
             queue,
             data: Arc::clone(&fs.data),
@@ -222,7 +236,7 @@ fn raise_read_ahead(mountpoint: &Path) {
 
 /// A mounted layer. Dropping it unmounts the layer and stops its session threads.
 pub struct LayerMount {
-    /// Queues copies of every file for passthrough; `None` without passthrough.
+    /// Queues copies of every file; `None` without copies.
     materializer: Option<Materializer>,
     mountpoint: PathBuf,
     cache: Arc<ChunkCache>,
@@ -230,10 +244,10 @@ pub struct LayerMount {
     session: Option<session::Mounted>,
 }
 
-/// Queues a passthrough copy of every file of a layer; see [`LayerMount::materializer`].
+/// Queues a local copy of every file of a layer; see [`LayerMount::materializer`].
 #[derive(Clone)]
 pub struct Materializer {
-    queue: std::sync::mpsc::SyncSender<passthrough::Copy>,
+    queue: std::sync::mpsc::SyncSender<copies::Copy>,
     data: Arc<dyn LayerData>,
 }
 
@@ -245,15 +259,16 @@ impl fmt::Debug for Materializer {
 
 impl Materializer {
     /// Queues every regular file for its verified copy, blocking while the copy thread's queue
-    /// is full; returns how many were queued. Call it once the whole blob is local: opens then
-    /// find the copies made, and the kernel reads every file directly.
+    /// is full; returns how many were queued. Call it once the whole blob is local: reads then
+    /// find the copies made (and with passthrough the kernel reads them directly). Copies left
+    /// by an earlier mount of the layer are checked instead of written again.
     pub fn run(&self) -> usize {
         let mut queued = 0;
         for (i, node) in self.data.index().nodes.iter().enumerate() {
             if node.kind != crate::index::Kind::File || node.size == 0 {
                 continue;
             }
-            let copy = passthrough::Copy {
+            let copy = copies::Copy {
                 ino: i as Ino + 1,
                 share_cache: false,
             };
@@ -271,8 +286,8 @@ impl LayerMount {
         &self.mountpoint
     }
 
-    /// What makes passthrough copies of every file ahead of any open (`None` without
-    /// passthrough). Dropping the mount stops the copies.
+    /// What makes local copies of every file ahead of any open (`None` without a copies
+    /// directory). Dropping the mount stops the copies.
     pub fn materializer(&self) -> Option<Materializer> {
         self.materializer.clone()
     }
@@ -286,6 +301,7 @@ impl LayerMount {
             chunk_fetches: cache.fetches,
             cache_hits: cache.hits + cache.joined,
             passthrough_opens: load(&self.counters.passthrough_opens),
+            local_copies: load(&self.counters.local_copies),
             eios: load(&self.counters.eios),
         }
     }
@@ -314,6 +330,7 @@ pub(crate) struct Counters {
     reads: AtomicU64,
     bytes: AtomicU64,
     passthrough_opens: AtomicU64,
+    local_copies: AtomicU64,
     eios: AtomicU64,
 }
 
@@ -332,6 +349,8 @@ pub(crate) struct LayerFs {
     cache: Arc<ChunkCache>,
     counters: Arc<Counters>,
     ttl: Duration,
+    /// Verified copies of local files, when a directory for them is given.
+    copies: Option<Copies>,
     /// `Some` while passthrough is wanted and possible; `init` clears it when the kernel
     /// cannot do it.
     passthrough: Option<Passthrough>,

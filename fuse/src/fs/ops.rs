@@ -67,11 +67,11 @@ impl Filesystem for LayerFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        match self.node(ino.0) {
+        let node = match self.node(ino.0) {
             Ok(node) if node.kind == Kind::Dir => return reply.error(Errno::EISDIR),
-            Ok(_) => {}
+            Ok(node) => node,
             Err(errno) => return reply.error(errno),
-        }
+        };
         let reply = match &self.passthrough {
             Some(passthrough) => match passthrough.open(self, ino.0, reply) {
                 Ok(()) => return,
@@ -79,6 +79,12 @@ impl Filesystem for LayerFs {
             },
             None => reply,
         };
+        if let Some(copies) = &self.copies
+            && node.kind == Kind::File
+        {
+            // Later reads find the copy, made in the background.
+            copies.for_open(&*self.data, &self.cache, ino.0, node, false);
+        }
         // The bytes never change: keep the page cache across opens.
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
     }

@@ -1,5 +1,5 @@
 //! The lazy layers' counters on the node's `/metrics`: FUSE reads, bytes, chunk fetches and
-//! cache hits, passthrough opens and EIOs, summed over every layer mounted since the node
+//! cache hits, passthrough opens, local copies and EIOs, summed over every layer mounted since the node
 //! started (a layer's counts are kept when it is unmounted, so the counters never go back).
 
 use prometheus_client::collector::Collector;
@@ -17,6 +17,7 @@ pub(super) fn add(a: &mut FsStats, b: FsStats) {
     a.chunk_fetches += b.chunk_fetches;
     a.cache_hits += b.cache_hits;
     a.passthrough_opens += b.passthrough_opens;
+    a.local_copies += b.local_copies;
     a.eios += b.eios;
 }
 
@@ -48,6 +49,11 @@ impl Collector for Lazy {
                 "shoal_fuse_passthrough_opens",
                 "Files opened with FUSE passthrough (read by the kernel directly)",
                 stats.passthrough_opens,
+            ),
+            (
+                "shoal_fuse_local_copies",
+                "Files given a verified uncompressed local copy (written, or found and checked)",
+                stats.local_copies,
             ),
             (
                 "shoal_fuse_eio",

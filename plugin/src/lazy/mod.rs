@@ -15,7 +15,7 @@
 mod metrics;
 mod source;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -56,8 +56,11 @@ pub const LAZY_SOURCE: &str = "shoal.dev/lazy.source";
 pub struct Lazy {
     swarm: Arc<Swarm>,
     cfg: FuseConfig,
-    /// Per-snapshot directories for files materialized for FUSE passthrough.
-    passthrough_root: PathBuf,
+    /// Per-layer directories of verified, uncompressed copies of files (see
+    /// [`Lazy::copies_dir`]).
+    copies_root: PathBuf,
+    /// Where copies were kept per snapshot before they were kept per layer; removed.
+    legacy_passthrough: PathBuf,
     runtime: Handle,
     mounts: Mutex<HashMap<String, Mounted>>,
     /// The counters of layers unmounted since the node started.
@@ -69,6 +72,8 @@ pub struct Lazy {
 struct Mounted {
     mount: LayerMount,
     layer: Digest,
+    /// Its copies directory, shared with other mounts of the same layer.
+    copies: PathBuf,
     /// Ends the wait for the whole blob (before the passthrough copies) when unmounted, so an
     /// unmounted layer holds no blob in the store.
     _unmounted: tokio_util::sync::DropGuard,
@@ -113,7 +118,8 @@ impl Lazy {
         Self {
             swarm,
             cfg,
-            passthrough_root: root.join("passthrough"),
+            copies_root: root.join("copies"),
+            legacy_passthrough: root.join("passthrough"),
             runtime: Handle::current(),
             mounts: Mutex::new(HashMap::new()),
             retired: Mutex::new(FsStats::default()),
@@ -167,9 +173,24 @@ impl Lazy {
         self.mounts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn passthrough_dir(&self, name: &str) -> PathBuf {
-        let hash = Sha256::digest(name.as_bytes());
-        self.passthrough_root.join(hex::encode(&hash[..12]))
+    /// The directory of local copies of the layer with TOC digest `toc`: one per layer, so
+    /// copies outlive a mount (a node restart) and are shared by every snapshot of the layer.
+    /// Named by a hash, so no label can steer it outside `copies_root`.
+    fn copies_dir(&self, toc: &str) -> PathBuf {
+        let hash = Sha256::digest(toc.as_bytes());
+        self.copies_root.join(hex::encode(&hash[..16]))
+    }
+
+    /// Removes `dir` unless another mounted snapshot uses it.
+    fn remove_copies(&self, dir: &Path) {
+        if self.lock().values().any(|m| m.copies == dir) {
+            return;
+        }
+        if let Err(e) = std::fs::remove_dir_all(dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(dir = %dir.display(), error = %e, "removing a layer's local copies");
+        }
     }
 
     async fn open_blob(
@@ -295,20 +316,21 @@ impl LazyLayers for Lazy {
         if self.lock().contains_key(name) {
             return Err(format!("snapshot {name:?} is mounted already").into());
         }
-        let passthrough_dir = if self.cfg.passthrough {
-            let dir = self.passthrough_dir(name);
+        let copies = self.copies_dir(layer.layer.toc_digest());
+        let copies_dir = if self.cfg.passthrough || self.cfg.materialize {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
-                .create(&dir)?;
-            Some(dir)
+                .create(&self.copies_root)?;
+            Some(copies.clone())
         } else {
             None
         };
         let opts = FsOptions {
             cache_bytes: self.cfg.cache_mib.saturating_mul(1 << 20),
             threads: self.cfg.threads,
-            passthrough_dir,
+            copies_dir,
+            passthrough: self.cfg.passthrough,
             ..FsOptions::default()
         };
         let fs_layer = Arc::clone(&layer.layer);
@@ -316,10 +338,7 @@ impl LazyLayers for Lazy {
         let mount =
             match tokio::task::spawn_blocking(move || lazyfs::mount(fs_layer, &at, opts)).await? {
                 Ok(mount) => mount,
-                Err(e) => {
-                    let _ = std::fs::remove_dir_all(self.passthrough_dir(name));
-                    return Err(e.into());
-                }
+                Err(e) => return Err(e.into()),
             };
         if self.cfg.prefetch
             && let Some(range) = layer.layer.index().prefetch.clone()
@@ -339,14 +358,16 @@ impl LazyLayers for Lazy {
             Mounted {
                 mount,
                 layer: layer.digest,
+                copies,
                 _unmounted: unmounted.drop_guard(),
             },
         );
         if let (Some(materializer), Some(blob)) =
             (materializer, self.swarm.store().get(&layer.digest))
         {
-            // Once the whole blob is local, copy every file for passthrough so that reads no
-            // longer go through FUSE at all. Dropping the mount ends the copies.
+            // Once the whole blob is local, copy every file, so reads no longer inflate and
+            // hash chunks (and, with passthrough, no longer go through FUSE at all). Dropping
+            // the mount ends the copies.
             let snapshot = name.to_owned();
             tokio::spawn(async move {
                 tokio::select! {
@@ -361,7 +382,7 @@ impl LazyLayers for Lazy {
                 info!(
                     snapshot,
                     files = queued.unwrap_or(0),
-                    "layer local: every file queued for its passthrough copy"
+                    "layer local: every file queued for its local copy"
                 );
             });
         }
@@ -370,17 +391,40 @@ impl LazyLayers for Lazy {
 
     fn unmount(&self, name: &str, dir: &Path) {
         let mount = self.lock().remove(name);
+        let copies = mount.as_ref().map(|m| m.copies.clone());
         if let Some(mounted) = mount {
             self.retire(mounted);
         }
         if let Err(e) = lazyfs::unmount_stale(dir) {
             warn!(snapshot = name, dir = %dir.display(), error = %e, "unmounting a lazy layer");
         }
-        let passthrough = self.passthrough_dir(name);
-        if let Err(e) = std::fs::remove_dir_all(&passthrough)
+        if let Some(copies) = copies {
+            self.remove_copies(&copies);
+        }
+    }
+
+    fn retain(&self, lazy: &[&Labels]) {
+        let kept: HashSet<PathBuf> = lazy
+            .iter()
+            .filter_map(|labels| labels.get(LAZY_TOC))
+            .map(|toc| self.copies_dir(toc))
+            .collect();
+        let dirs = match std::fs::read_dir(&self.copies_root) {
+            Ok(dirs) => dirs.filter_map(Result::ok).map(|e| e.path()).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                warn!(dir = %self.copies_root.display(), error = %e, "listing local copies");
+                Vec::new()
+            }
+        };
+        for dir in dirs.iter().filter(|dir| !kept.contains(*dir)) {
+            info!(dir = %dir.display(), "removing the local copies of a layer no snapshot uses");
+            self.remove_copies(dir);
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.legacy_passthrough)
             && e.kind() != std::io::ErrorKind::NotFound
         {
-            warn!(dir = %passthrough.display(), error = %e, "removing passthrough files");
+            warn!(dir = %self.legacy_passthrough.display(), error = %e, "removing old passthrough copies");
         }
     }
 }

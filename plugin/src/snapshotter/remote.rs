@@ -72,6 +72,12 @@ pub trait LazyLayers: Send + Sync + 'static {
 
     /// Unmounts snapshot `name` from `dir` (also a dead mount left by a previous process).
     fn unmount(&self, name: &str, dir: &Path);
+
+    /// Drops what is kept on disk for layers that none of the lazy snapshots `lazy` (their
+    /// labels) uses any more; called once, after [`RemoteSnapshotter::restore`].
+    fn retain(&self, lazy: &[&Labels]) {
+        let _ = lazy;
+    }
 }
 
 /// The overlayfs snapshotter plus lazily mounted layers. Cheap to clone.
@@ -169,7 +175,8 @@ impl<L: LazyLayers> RemoteSnapshotter<L> {
     /// container ever sees an empty lower layer.
     pub async fn restore(&self) -> Result<Restored, Error> {
         let mut restored = Restored::default();
-        for info in self.inner.list(vec!["kind==committed".to_owned()]).await? {
+        let committed = self.inner.list(vec!["kind==committed".to_owned()]).await?;
+        for info in &committed {
             if !self.layers.is_lazy(&info.labels) {
                 continue;
             }
@@ -178,10 +185,16 @@ impl<L: LazyLayers> RemoteSnapshotter<L> {
                 Err(e) => {
                     error!(snapshot = %info.name, error = %e, "remounting a lazy layer; containers on it cannot start until it mounts");
                     lock(&self.unmounted).insert(info.name.clone());
-                    restored.failed.insert(info.name, e.to_string());
+                    restored.failed.insert(info.name.clone(), e.to_string());
                 }
             }
         }
+        let lazy: Vec<&Labels> = committed
+            .iter()
+            .map(|info| &info.labels)
+            .filter(|labels| self.layers.is_lazy(labels))
+            .collect();
+        self.layers.retain(&lazy);
         Ok(restored)
     }
 

@@ -467,6 +467,7 @@ fn xattr_size_protocol() -> anyhow::Result<()> {
         cache: Arc::new(ChunkCache::new(1 << 20)),
         counters: Arc::default(),
         ttl: Duration::from_secs(1),
+        copies: None,
         passthrough: None,
     };
     let etc = fs
@@ -508,4 +509,5 @@ fn xattr_size_protocol() -> anyhow::Result<()> {
     Ok(())
 }
 
+mod copies;
 mod passthrough;

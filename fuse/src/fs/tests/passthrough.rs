@@ -22,7 +22,8 @@ fn local_files_are_passed_through() -> anyhow::Result<()> {
         ..MemSource::default()
     });
     let opts = FsOptions {
-        passthrough_dir: Some(copies.path().to_path_buf()),
+        copies_dir: Some(copies.path().to_path_buf()),
+        passthrough: true,
         ..FsOptions::default()
     };
     let mnt = mount_fake(layer, dir.path(), opts)?;
@@ -66,7 +67,8 @@ fn a_large_file_is_copied_in_the_background_and_passed_through_next_time() -> an
         ..MemSource::default()
     });
     let opts = FsOptions {
-        passthrough_dir: Some(copies.path().to_path_buf()),
+        copies_dir: Some(copies.path().to_path_buf()),
+        passthrough: true,
         ..FsOptions::default()
     };
     let mnt = mount_fake(layer, dir.path(), opts)?;
@@ -111,7 +113,8 @@ fn remote_files_are_not_passed_through() -> anyhow::Result<()> {
         ..MemSource::default()
     });
     let opts = FsOptions {
-        passthrough_dir: Some(copies.path().to_path_buf()),
+        copies_dir: Some(copies.path().to_path_buf()),
+        passthrough: true,
         ..FsOptions::default()
     };
     let mnt = mount_fake(layer, dir.path(), opts)?;
@@ -139,6 +142,7 @@ fn a_sequential_reader_finds_the_next_chunk_fetched_ahead() -> anyhow::Result<()
         cache: Arc::clone(&cache),
         counters: Arc::default(),
         ttl: Duration::from_secs(1),
+        copies: None,
         passthrough: None,
     };
     let big = fs
@@ -210,7 +214,8 @@ fn a_materialized_layer_passes_through_on_the_first_open() -> anyhow::Result<()>
         ..MemSource::default()
     });
     let opts = FsOptions {
-        passthrough_dir: Some(copies.path().to_path_buf()),
+        copies_dir: Some(copies.path().to_path_buf()),
+        passthrough: true,
         ..FsOptions::default()
     };
     let mnt = mount_fake(layer, dir.path(), opts)?;

@@ -1,0 +1,330 @@
+//! Verified, uncompressed copies of a layer's files, kept on local disk.
+//!
+//! Once a file's chunks are all local, inflating and hashing them on every read is wasted
+//! work: the file is written out once, chunk by chunk from verified bytes, under a temporary
+//! name renamed into place. From then on a read through FUSE is one `pread` of the copy, and
+//! with passthrough ([`super::passthrough`]) the kernel reads the copy without asking us.
+//!
+//! The directory belongs to the layer (its TOC), not to one mount: copies outlive a mount and a
+//! node restart, and every mount of the same layer shares them. They are never written with
+//! `fsync`, so a copy found on disk is not trusted as is: before use, the copy thread reads it
+//! back and checks every chunk's range against its `chunkDigest`, the same check as a fetched
+//! chunk. A copy that does not match is written again.
+//!
+//! Copies are made by a helper thread, in the background: on an open of a local file, and for
+//! every file once the caller says the whole layer is local ([`Materializer`]). Only a
+//! passthrough open of a small file waits for its copy (see [`Copies::for_open`]).
+//!
+//! [`Materializer`]: super::Materializer
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use sha2::{Digest, Sha256};
+use tracing::{debug, warn};
+
+use super::read::chain;
+use super::readahead::fetch_chunk;
+use super::{Counters, LayerData};
+use crate::cache::{ChunkCache, ChunkKey, FetchError, lock};
+use crate::index::{Ino, Node};
+
+/// Files up to this size are copied before a passthrough open returns.
+const COPY_BEFORE_OPEN: u64 = 1 << 20;
+/// Files queued for the copy thread at most; more wait for a later open.
+const COPY_QUEUE: usize = 64;
+/// Bytes read at a time when checking a copy found on disk.
+const CHECK_BLOCK: usize = 1 << 20;
+
+/// A file for the copy thread.
+#[derive(Debug)]
+pub(super) struct Copy {
+    pub(super) ino: Ino,
+    /// Through the chunk cache (a reader is reading the file now) or around it (every file of
+    /// a complete layer, which would only flush the cache).
+    pub(super) share_cache: bool,
+}
+
+type Slots = Mutex<HashMap<Ino, Arc<Mutex<Slot>>>>;
+
+/// One file's copy.
+#[derive(Debug, Default)]
+struct Slot {
+    /// The verified copy, open for reading.
+    copy: Option<Arc<File>>,
+    /// Making the copy failed: this file is read through its chunks for the rest of the mount.
+    failed: bool,
+    /// Queued for, or being handled by, the copy thread.
+    copying: bool,
+}
+
+#[derive(Debug)]
+pub(super) struct Copies {
+    dir: PathBuf,
+    files: Arc<Slots>,
+    /// The copy thread's queue, once started.
+    copier: Option<SyncSender<Copy>>,
+    counters: Arc<Counters>,
+}
+
+impl Copies {
+    pub(super) fn new(dir: &Path, counters: Arc<Counters>) -> io::Result<Self> {
+        // Copies of files that may be private inside the image: root only.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        remove_dead_partials(dir);
+        Ok(Copies {
+            dir: dir.to_path_buf(),
+            files: Arc::new(Mutex::new(HashMap::new())),
+            copier: None,
+            counters,
+        })
+    }
+
+    /// Starts the thread that makes copies; it ends when the filesystem is dropped.
+    pub(super) fn start_copier(
+        &mut self,
+        data: Arc<dyn LayerData>,
+        cache: Arc<ChunkCache>,
+    ) -> io::Result<()> {
+        let (queue, files) = sync_channel::<Copy>(COPY_QUEUE);
+        let (dir, slots) = (self.dir.clone(), Arc::clone(&self.files));
+        let counters = Arc::clone(&self.counters);
+        thread::Builder::new()
+            .name("shoal-copies".into())
+            .spawn(move || {
+                for Copy { ino, share_cache } in files {
+                    let Some(node) = data.index().node(ino) else {
+                        continue;
+                    };
+                    let slot = slot(&slots, ino);
+                    if lock(&slot).copy.is_some() {
+                        continue;
+                    }
+                    let cache = share_cache.then_some(&*cache);
+                    let copy = make_copy(&dir, &*data, cache, ino, node);
+                    let mut slot = lock(&slot);
+                    slot.copying = false;
+                    match copy {
+                        Ok(file) => {
+                            slot.copy = Some(Arc::new(file));
+                            Counters::add(&counters.local_copies, 1);
+                        }
+                        Err(err) => {
+                            warn!(ino, %err, "no local copy; reading through the chunks");
+                            slot.failed = true;
+                        }
+                    }
+                }
+            })?;
+        self.copier = Some(queue);
+        Ok(())
+    }
+
+    /// Something that queues a copy of every file, for [`super::LayerMount::materializer`].
+    pub(super) fn materializer(&self) -> Option<SyncSender<Copy>> {
+        self.copier.clone()
+    }
+
+    /// The verified copy of `ino`, if made. Cheap: called on every read.
+    pub(super) fn ready(&self, ino: Ino) -> Option<Arc<File>> {
+        let slot = lock(&self.files).get(&ino).cloned()?;
+        lock(&slot).copy.clone()
+    }
+
+    /// Called on each open of regular file `ino`: its copy if made. Otherwise, when its chunks
+    /// are all local (or a copy may be on disk already), a copy is queued for the copy thread,
+    /// or made before returning when `wait_if_small` and the file is small.
+    pub(super) fn for_open(
+        &self,
+        data: &dyn LayerData,
+        cache: &ChunkCache,
+        ino: Ino,
+        node: &Node,
+        wait_if_small: bool,
+    ) -> Option<Arc<File>> {
+        let slot = slot(&self.files, ino);
+        let mut slot = lock(&slot);
+        if slot.copy.is_some() || slot.failed || slot.copying || node.size == 0 {
+            return slot.copy.clone();
+        }
+        let source = data.source();
+        let local = node
+            .chunks
+            .iter()
+            .all(|chunk| source.is_local(chunk.compressed.clone()));
+        if !local && !self.dir.join(ino.to_string()).exists() {
+            return None;
+        }
+        if (wait_if_small && node.size <= COPY_BEFORE_OPEN) || self.copier.is_none() {
+            match make_copy(&self.dir, data, Some(cache), ino, node) {
+                Ok(file) => {
+                    slot.copy = Some(Arc::new(file));
+                    Counters::add(&self.counters.local_copies, 1);
+                }
+                Err(err) => {
+                    warn!(ino, %err, "no local copy; reading through the chunks");
+                    slot.failed = true;
+                }
+            }
+            return slot.copy.clone();
+        }
+        if let Some(copier) = &self.copier {
+            let queued = copier.try_send(Copy {
+                ino,
+                share_cache: true,
+            });
+            slot.copying = queued.is_ok();
+        }
+        None
+    }
+
+    /// A copy handed out by [`Copies::ready`] read short: the file changed under us. It is
+    /// dropped, and the file read through its chunks from now on.
+    pub(super) fn discard(&self, ino: Ino) {
+        let slot = slot(&self.files, ino);
+        let mut slot = lock(&slot);
+        slot.copy = None;
+        slot.failed = true;
+        let _ = fs::remove_file(self.dir.join(ino.to_string()));
+    }
+}
+
+/// Removes temporary files that a process which is gone (a crashed node) left half-written.
+/// Other live mounts of the layer, in this process, may be writing theirs.
+fn remove_dead_partials(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let ours = format!(".{}.", std::process::id());
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(".partial") && !name.contains(&ours) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+fn slot(slots: &Slots, ino: Ino) -> Arc<Mutex<Slot>> {
+    lock(slots).entry(ino).or_default().clone()
+}
+
+/// The verified copy of file `ino` in `dir`: one found there if every chunk checks out,
+/// otherwise written now.
+fn make_copy(
+    dir: &Path,
+    data: &dyn LayerData,
+    cache: Option<&ChunkCache>,
+    ino: Ino,
+    node: &Node,
+) -> io::Result<File> {
+    let path = dir.join(ino.to_string());
+    match File::open(&path) {
+        Ok(file) => match check_copy(&file, node) {
+            Ok(()) => {
+                debug!(ino, copy = %path.display(), "local copy found and checked");
+                return Ok(file);
+            }
+            Err(err) => debug!(ino, %err, "rewriting a local copy that does not check out"),
+        },
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err),
+    }
+    write_copy(dir, data, cache, ino, node)?;
+    File::open(&path)
+}
+
+/// Reads `file` back and checks it against every chunk digest of `node`.
+fn check_copy(file: &File, node: &Node) -> io::Result<()> {
+    let len = file.metadata()?.len();
+    if len != node.size {
+        return Err(io::Error::other(format!(
+            "{len} bytes, the file has {}",
+            node.size
+        )));
+    }
+    let mut buf = vec![0u8; CHECK_BLOCK];
+    for chunk in &node.chunks {
+        let mut hash = Sha256::new();
+        let mut pos = chunk.file_offset;
+        let end = chunk.file_offset + chunk.size;
+        while pos < end {
+            let n = (end - pos).min(CHECK_BLOCK as u64) as usize;
+            file.read_exact_at(&mut buf[..n], pos)?;
+            hash.update(&buf[..n]);
+            pos += n as u64;
+        }
+        if hash.finalize().as_slice() != chunk.digest {
+            return Err(io::Error::other(format!(
+                "the chunk at {} does not match its digest",
+                chunk.file_offset
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the copy of file `ino` into `dir` from its verified chunks.
+fn write_copy(
+    dir: &Path,
+    data: &dyn LayerData,
+    cache: Option<&ChunkCache>,
+    ino: Ino,
+    node: &Node,
+) -> io::Result<()> {
+    // Two writers of one file (two mounts of the layer, or an open and the copy thread) each
+    // write their own temporary file; the renames then replace one verified copy with an
+    // identical one.
+    static WRITER: AtomicU64 = AtomicU64::new(0);
+    let path = dir.join(ino.to_string());
+    let partial = dir.join(format!(
+        ".{ino}.{}.{}.partial",
+        std::process::id(),
+        WRITER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)
+        .and_then(|mut out| {
+            for chunk in &node.chunks {
+                let failed = |err: super::BoxError| io::Error::other(chain(&*err));
+                match cache {
+                    Some(cache) => {
+                        let bytes = cache
+                            .get_or_fetch(ChunkKey::from(chunk), || fetch_chunk(data, chunk))
+                            .map_err(|err| match err {
+                                FetchError::Failed(err) => failed(err),
+                                FetchError::FailedElsewhere => {
+                                    io::Error::other("a chunk failed to verify")
+                                }
+                            })?;
+                        out.write_all(&bytes)?;
+                    }
+                    None => out.write_all(&fetch_chunk(data, chunk).map_err(failed)?)?,
+                }
+            }
+            Ok(())
+        });
+    if let Err(err) = written {
+        let _ = fs::remove_file(&partial);
+        return Err(err);
+    }
+    if let Err(err) = fs::rename(&partial, &path) {
+        let _ = fs::remove_file(&partial);
+        return Err(err);
+    }
+    debug!(ino, copy = %path.display(), "local copy written");
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! Local copies on real mounts: reads of a copied file neither fetch nor inflate chunks, and
+//! copies outlive their mount but are checked before a later mount uses them.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::index::ROOT;
+
+/// Waits until the mount has given `n` files their copy.
+fn wait_for_copies(mnt: &LayerMount, n: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mnt.stats().local_copies < n {
+        anyhow::ensure!(Instant::now() < deadline, "copies made: {:?}", mnt.stats());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn two_files() -> (Tree, Vec<u8>, Ino, Ino) {
+    let mut tree = Tree::new();
+    let large = pattern(3 << 20, 6);
+    let large_ino = tree.file(ROOT, "large", &large, 256 << 10);
+    let small_ino = tree.file(ROOT, "small", b"small\n", 4096);
+    (tree, large, large_ino, small_ino)
+}
+
+#[test]
+fn reads_of_a_copied_file_neither_fetch_nor_inflate() -> anyhow::Result<()> {
+    if !can_mount() {
+        return Ok(());
+    }
+    let (dir, copies) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (tree, large, ..) = two_files();
+    let (layer, source) = tree.layer(|blob| MemSource {
+        blob,
+        ..MemSource::default()
+    });
+    let opts = FsOptions {
+        copies_dir: Some(copies.path().to_path_buf()),
+        passthrough: false,
+        ..FsOptions::default()
+    };
+    let mnt = mount_fake(layer, dir.path(), opts)?;
+    let materializer = mnt
+        .materializer()
+        .ok_or(anyhow::anyhow!("no materializer with a copies directory"))?;
+    assert_eq!(materializer.run(), 2);
+    wait_for_copies(&mnt, 2)?;
+    let before = mnt.stats();
+    // The source is gone: only the copies can answer.
+    source.fail.store(true, Ordering::SeqCst);
+    assert_eq!(fs::read(mnt.mountpoint().join("large"))?, large);
+    assert_eq!(fs::read(mnt.mountpoint().join("small"))?, b"small\n");
+    let after = mnt.stats();
+    assert!(after.reads > before.reads, "read through FUSE: {after:?}");
+    assert_eq!(after.chunk_fetches, before.chunk_fetches, "{after:?}");
+    assert_eq!(after.passthrough_opens, 0);
+    assert_eq!(after.eios, 0);
+    Ok(())
+}
+
+#[test]
+fn copies_outlive_the_mount_and_are_checked_before_reuse() -> anyhow::Result<()> {
+    if !can_mount() {
+        return Ok(());
+    }
+    let (dir, copies) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let opts = FsOptions {
+        copies_dir: Some(copies.path().to_path_buf()),
+        passthrough: false,
+        ..FsOptions::default()
+    };
+    let (tree, large, large_ino, small_ino) = two_files();
+    let (layer, _) = tree.layer(|blob| MemSource {
+        blob,
+        ..MemSource::default()
+    });
+    let first = mount_fake(layer, dir.path(), opts.clone())?;
+    first
+        .materializer()
+        .ok_or(anyhow::anyhow!("no materializer"))?
+        .run();
+    wait_for_copies(&first, 2)?;
+    drop(first);
+
+    // A crash left one copy with a wrong byte (copies are written without fsync).
+    let (large_copy, small_copy) = (
+        copies.path().join(large_ino.to_string()),
+        copies.path().join(small_ino.to_string()),
+    );
+    fs::write(&small_copy, b"smell\n")?;
+    let (large_inode, small_inode) = (
+        fs::metadata(&large_copy)?.ino(),
+        fs::metadata(&small_copy)?.ino(),
+    );
+
+    let (tree, ..) = two_files();
+    let (layer, source) = tree.layer(|blob| MemSource {
+        blob,
+        ..MemSource::default()
+    });
+    let second = mount_fake(layer, dir.path(), opts)?;
+    second
+        .materializer()
+        .ok_or(anyhow::anyhow!("no materializer"))?
+        .run();
+    wait_for_copies(&second, 2)?;
+    assert_eq!(
+        fs::metadata(&large_copy)?.ino(),
+        large_inode,
+        "the good copy is kept"
+    );
+    assert_ne!(
+        fs::metadata(&small_copy)?.ino(),
+        small_inode,
+        "the bad copy is replaced"
+    );
+    source.fail.store(true, Ordering::SeqCst);
+    assert_eq!(fs::read(second.mountpoint().join("large"))?, large);
+    assert_eq!(fs::read(second.mountpoint().join("small"))?, b"small\n");
+    assert_eq!(second.stats().eios, 0);
+    Ok(())
+}
+
+#[test]
+fn an_open_of_a_local_file_makes_its_copy_for_later_reads() -> anyhow::Result<()> {
+    if !can_mount() {
+        return Ok(());
+    }
+    let (dir, copies) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (tree, large, large_ino, _) = two_files();
+    let (layer, _) = tree.layer(|blob| MemSource {
+        blob,
+        ..MemSource::default()
+    });
+    let opts = FsOptions {
+        copies_dir: Some(copies.path().to_path_buf()),
+        passthrough: false,
+        ..FsOptions::default()
+    };
+    let mnt = mount_fake(layer, dir.path(), opts)?;
+    assert_eq!(
+        mnt.stats().local_copies,
+        0,
+        "nothing is copied before an open"
+    );
+    assert_eq!(fs::read(mnt.mountpoint().join("large"))?, large);
+    wait_for_copies(&mnt, 1)?;
+    let copy = copies.path().join(large_ino.to_string());
+    assert_eq!(fs::read(copy)?, large);
+    Ok(())
+}
