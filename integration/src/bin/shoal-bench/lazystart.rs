@@ -12,12 +12,15 @@
 //! 2. **lazy**: a fresh node (no blobs) and a containerd using it (`shoal_proxy_config`);
 //!    `shoal pull` of the eStargz image, converted with `--prioritize` listing the files the
 //!    entrypoint reads, then `ctr run --snapshotter shoal`.
-//! 3. **warm**: once the node holds every blob (`shoal_swarm_blobs_completed_total`), the same
-//!    pull and run again.
+//! 3. **warm**: once the node holds every blob (`shoal_swarm_blobs_completed_total`) and has
+//!    made a local copy of every file (`shoal_fuse_local_copies_total`), the same pull and run
+//!    again.
 //! 4. **reads**, each after dropping the page cache: every file of the layer in order, and
 //!    4 KiB random reads over its big files ([`read`]), on the overlayfs snapshot of the plain
-//!    image and on the node's FUSE mount of the lazy layer; the node is restarted with
-//!    `[fuse] passthrough = false`, then `true`, to measure both.
+//!    image and on the node's FUSE mount of the lazy layer. The node is restarted three times,
+//!    to read through the chunks (no copies: `passthrough = false`, `materialize = false`),
+//!    from the local copies through FUSE (`passthrough = false`), and with passthrough (the
+//!    defaults); before the last two, it has checked its copies again (a restart trusts none).
 //!
 //! Everything (namespaces, processes, mounts, the temporary directory) is gone when it returns,
 //! failed or interrupted; [`report`] prints a table or one JSON object.
@@ -170,7 +173,7 @@ fn bench(args: &Args, prefix: &str) -> Result<Report> {
     check_interrupted()?;
 
     progress(args, "lazy: shoal pull + ctr run --snapshotter shoal");
-    let mut node = start_node(&dir, &registry, &client, true)?;
+    let mut node = start_node(&dir, &registry, &client, Reads::Passthrough)?;
     let lazy_ctrd = containerd(
         &dir.join("containerd-shoal"),
         &shoal_proxy_config(&node.socket),
@@ -199,6 +202,8 @@ fn bench(args: &Args, prefix: &str) -> Result<Report> {
         },
     )?;
     let complete_s = lazy.started.elapsed().as_secs_f64();
+    progress(args, "waiting for the node's local copies of every file");
+    let copies_s = wait_for_copies(&node, &workload)?;
 
     progress(args, "warm: the same pull and run, the image local");
     let warm = start_lazy(&node, &lazy_ctrd, &esgz, "warm-1", &workload)?;
@@ -211,19 +216,31 @@ fn bench(args: &Args, prefix: &str) -> Result<Report> {
     let overlay_random = read::random_reads(&overlay_dir, &big, args.random_reads)?;
     check_interrupted()?;
 
-    progress(args, "reads: FUSE, passthrough off");
+    progress(
+        args,
+        "reads: FUSE through the chunks (no copies, no passthrough)",
+    );
     node.child.stop()?;
-    node = start_node(&dir, &registry, &client, false)?;
+    node = start_node(&dir, &registry, &client, Reads::Chunks)?;
+    let chunk_dir = fuse_mount(&node)?;
+    let chunk_read = read::read_all(&chunk_dir, &workload.files)?;
+    let chunk_random = read::random_reads(&chunk_dir, &big, args.random_reads)?;
+    check_interrupted()?;
+
+    progress(args, "reads: FUSE from the local copies, passthrough off");
+    node.child.stop()?;
+    node = start_node(&dir, &registry, &client, Reads::Copies)?;
     let fuse_dir = fuse_mount(&node)?;
+    wait_for_copies(&node, &workload)?;
     let fuse_read = read::read_all(&fuse_dir, &workload.files)?;
     let fuse_random = read::random_reads(&fuse_dir, &big, args.random_reads)?;
     check_interrupted()?;
 
     progress(args, "reads: FUSE, passthrough on");
     node.child.stop()?;
-    node = start_node(&dir, &registry, &client, true)?;
+    node = start_node(&dir, &registry, &client, Reads::Passthrough)?;
     let pt_dir = fuse_mount(&node)?;
-    let pt_first = read::read_all(&pt_dir, &workload.files)?;
+    wait_for_copies(&node, &workload)?;
     let pt_read = read::read_all(&pt_dir, &workload.files)?;
     let pt_random = read::random_reads(&pt_dir, &big, args.random_reads)?;
 
@@ -245,13 +262,15 @@ fn bench(args: &Args, prefix: &str) -> Result<Report> {
         lazy_s: lazy.total_s,
         lazy_upstream_bytes: lazy_upstream as u64,
         complete_s,
+        copies_s,
         warm_pull_s: warm.pull_s,
         warm_s: warm.total_s,
         overlay_read,
+        chunk_read,
         fuse_read,
-        passthrough_first_read: pt_first,
         passthrough_read: pt_read,
         overlay_random,
+        chunk_random,
         fuse_random,
         passthrough_random: pt_random,
         kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -320,22 +339,54 @@ fn containerd(dir: &Path, extra: &str, host: &Host) -> Result<Containerd> {
     )
 }
 
-/// The node on the client host (same root every time: a restart keeps its blobs and mounts).
-fn start_node(
-    dir: &Path,
-    registry: &HostRegistry,
-    client: &Host,
-    passthrough: bool,
-) -> Result<Node> {
+/// How a node's FUSE layers serve reads of local files.
+#[derive(Clone, Copy, Debug)]
+enum Reads {
+    /// Inflating and verifying chunks of the blob: `passthrough = false`, `materialize = false`.
+    Chunks,
+    /// `pread` of each file's local copy: `passthrough = false` (and `materialize`, the default).
+    Copies,
+    /// The kernel reads the copies: the defaults.
+    Passthrough,
+}
+
+/// The node on the client host (same root every time: a restart keeps its blobs, mounts and
+/// local copies).
+fn start_node(dir: &Path, registry: &HostRegistry, client: &Host, reads: Reads) -> Result<Node> {
+    let (passthrough, materialize) = match reads {
+        Reads::Chunks => (false, false),
+        Reads::Copies => (false, true),
+        Reads::Passthrough => (true, true),
+    };
     let opts = NodeOptions {
         insecure: vec![registry.addr().to_owned()],
-        extra: format!("\n[fuse]\npassthrough = {passthrough}\n"),
+        extra: format!("\n[fuse]\npassthrough = {passthrough}\nmaterialize = {materialize}\n"),
         netns: Some(client.netns.clone()),
         listen: Some(client.addr(SWARM_PORT)),
         mirror: Some(MIRROR_ADDR.to_owned()),
         ..NodeOptions::default()
     };
     Node::start(dir, "node", &opts)
+}
+
+/// Waits until the node has a checked local copy of every file of the layer (its count covers
+/// the big layer's files and has stopped growing for 2 s); returns how long that took.
+fn wait_for_copies(node: &Node, workload: &Workload) -> Result<f64> {
+    let started = Instant::now();
+    let mut last = (0.0, Instant::now());
+    wait_until(
+        Duration::from_secs(600),
+        "local copies of every file",
+        || {
+            check_interrupted()?;
+            let copies = node.metric("shoal_fuse_local_copies_total")?;
+            if copies != last.0 {
+                last = (copies, Instant::now());
+            }
+            Ok(copies >= workload.files.len() as f64 && last.1.elapsed() >= Duration::from_secs(2))
+        },
+    )?;
+    Ok(last.1.duration_since(started).as_secs_f64())
 }
 
 /// One lazy start: `shoal pull`, then `ctr run` to the printed line.
