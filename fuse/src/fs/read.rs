@@ -26,6 +26,40 @@ use crate::index::{Chunk, Ino, Kind};
 pub(super) enum ReadBytes {
     Chunk(Arc<Vec<u8>>, Range<usize>),
     Assembled(Vec<u8>),
+    /// The first `len` bytes of this thread's read buffer, given back when dropped.
+    Pooled(Vec<u8>, usize),
+}
+
+/// Largest read buffer a session thread keeps between reads (the kernel asks for at most
+/// 1 MiB at a time).
+const POOLED_MAX: usize = 2 << 20;
+
+thread_local! {
+    /// Each session thread's buffer for reads of local copies: allocated and zeroed once, not
+    /// per read.
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl ReadBytes {
+    /// This thread's read buffer, at least `len` bytes long.
+    fn pooled(len: usize) -> Vec<u8> {
+        let mut buf = READ_BUFFER.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        buf
+    }
+}
+
+impl Drop for ReadBytes {
+    fn drop(&mut self) {
+        if let ReadBytes::Pooled(buf, _) = self
+            && buf.len() <= POOLED_MAX
+        {
+            let buf = std::mem::take(buf);
+            READ_BUFFER.with(|b| *b.borrow_mut() = buf);
+        }
+    }
 }
 
 impl std::ops::Deref for ReadBytes {
@@ -35,6 +69,7 @@ impl std::ops::Deref for ReadBytes {
         match self {
             ReadBytes::Chunk(chunk, range) => &chunk[range.clone()],
             ReadBytes::Assembled(bytes) => bytes,
+            ReadBytes::Pooled(buf, len) => &buf[..*len],
         }
     }
 }
@@ -67,9 +102,10 @@ impl LayerFs {
             && let Some(copy) = copies.ready(ino)
         {
             // Verified when it was made: no inflating, no hashing.
-            let mut bytes = vec![0; (end - offset) as usize];
-            match copy.read_exact_at(&mut bytes, offset) {
-                Ok(()) => return Ok(ReadBytes::Assembled(bytes)),
+            let len = (end - offset) as usize;
+            let mut buf = ReadBytes::pooled(len);
+            match copy.read_exact_at(&mut buf[..len], offset) {
+                Ok(()) => return Ok(ReadBytes::Pooled(buf, len)),
                 Err(err) => {
                     warn!(path = %self.path_of(ino), %err, "the local copy reads short; reading the chunks");
                     copies.discard(ino);
