@@ -216,9 +216,9 @@ pub(crate) fn mount_data(
 }
 
 /// The kernel reads ahead at most 128 KiB on a FUSE mount unless told otherwise; layers are
-/// read-only and mostly read whole, so a larger window keeps several reads in flight. Best
-/// effort: without it reads are only slower.
-const READ_AHEAD_KB: u32 = 2048;
+/// read-only and mostly read whole, so a larger window keeps several 1 MiB reads in flight,
+/// one per session thread. Best effort: without it reads are only slower.
+const READ_AHEAD_KB: u32 = 8192;
 
 fn raise_read_ahead(mountpoint: &Path) {
     use std::os::unix::fs::MetadataExt;

@@ -60,6 +60,11 @@ pub struct Args {
     /// 4 KiB random reads per random-read measurement.
     #[arg(long, default_value_t = 4096)]
     random_reads: u64,
+    /// Each read measurement (but those through the chunks, the slowest) is repeated this many
+    /// times, each from a cold cache, and the median kept: single passes on a shared VM move
+    /// by tens of percent.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -212,8 +217,7 @@ fn bench(args: &Args, prefix: &str) -> Result<Report> {
     progress(args, "reads: overlayfs snapshot");
     let overlay_dir = overlay_snapshot(&overlay_ctrd)?;
     let big = workload.big_files();
-    let overlay_read = read::read_all(&overlay_dir, &workload.files)?;
-    let overlay_random = read::random_reads(&overlay_dir, &big, args.random_reads)?;
+    let (overlay_read, overlay_random) = read::measure(&overlay_dir, &workload, args)?;
     check_interrupted()?;
 
     progress(
@@ -232,8 +236,7 @@ fn bench(args: &Args, prefix: &str) -> Result<Report> {
     node = start_node(&dir, &registry, &client, Reads::Copies)?;
     let fuse_dir = fuse_mount(&node)?;
     wait_for_copies(&node, &workload)?;
-    let fuse_read = read::read_all(&fuse_dir, &workload.files)?;
-    let fuse_random = read::random_reads(&fuse_dir, &big, args.random_reads)?;
+    let (fuse_read, fuse_random) = read::measure(&fuse_dir, &workload, args)?;
     check_interrupted()?;
 
     progress(args, "reads: FUSE, passthrough on");
@@ -241,8 +244,7 @@ fn bench(args: &Args, prefix: &str) -> Result<Report> {
     node = start_node(&dir, &registry, &client, Reads::Passthrough)?;
     let pt_dir = fuse_mount(&node)?;
     wait_for_copies(&node, &workload)?;
-    let pt_read = read::read_all(&pt_dir, &workload.files)?;
-    let pt_random = read::random_reads(&pt_dir, &big, args.random_reads)?;
+    let (pt_read, pt_random) = read::measure(&pt_dir, &workload, args)?;
 
     // containerds before the node: their mounts sit on its FUSE layers.
     drop(lazy_ctrd);
@@ -254,6 +256,7 @@ fn bench(args: &Args, prefix: &str) -> Result<Report> {
         read_bytes: workload.read_bytes(),
         read_files: workload.read_set.len(),
         big_files: big.len(),
+        repeat: args.repeat.max(1),
         rate_mbit: args.rate,
         setup_s,
         overlay_pull_s,

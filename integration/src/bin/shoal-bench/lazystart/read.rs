@@ -2,7 +2,7 @@
 //! thread, 1 MiB reads), and seeded 4 KiB random reads over the big files (one thread, `pread`;
 //! the kernel sees they are not sequential and does not read ahead, on ext4 as on FUSE).
 //!
-//! Each measurement starts cold: dirty pages are written and the page cache, dentries and
+//! [`measure`] repeats both and keeps the medians. Each measurement starts cold: dirty pages are written and the page cache, dentries and
 //! inodes dropped (`echo 3 > /proc/sys/vm/drop_caches`), for the whole machine.
 
 use std::fs::File;
@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use shoal_integration::proc;
 
-use super::workload::SplitMix;
+use super::Args;
+use super::workload::{SplitMix, Workload};
 
 /// Size of one random read.
 pub const RANDOM_READ: u64 = 4096;
@@ -43,6 +44,22 @@ impl Timed {
 pub fn drop_caches() -> Result<()> {
     proc::run_ok(&mut Command::new("sync"), Duration::from_secs(300))?;
     std::fs::write("/proc/sys/vm/drop_caches", "3\n").context("dropping the page cache")
+}
+
+/// Both measurements on `root`, each `args.repeat` times, alternating; the median of each.
+pub fn measure(root: &Path, workload: &Workload, args: &Args) -> Result<(Timed, Timed)> {
+    let big = workload.big_files();
+    let (mut all, mut random) = (Vec::new(), Vec::new());
+    for _ in 0..args.repeat.max(1) {
+        all.push(read_all(root, &workload.files)?);
+        random.push(random_reads(root, &big, args.random_reads)?);
+    }
+    Ok((median(all), median(random)))
+}
+
+fn median(mut runs: Vec<Timed>) -> Timed {
+    runs.sort_by(|a, b| a.secs.total_cmp(&b.secs));
+    runs[runs.len() / 2]
 }
 
 /// Reads every file of `files` (relative paths) under `root`, cold; checks their sizes.

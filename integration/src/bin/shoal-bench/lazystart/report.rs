@@ -26,6 +26,8 @@ pub struct Report {
     pub read_bytes: u64,
     pub read_files: usize,
     pub big_files: usize,
+    /// Passes per read measurement (the median is kept).
+    pub repeat: usize,
     pub rate_mbit: f64,
     /// Building, pushing and converting the image (not measured against anything).
     pub setup_s: f64,
@@ -117,6 +119,7 @@ impl Report {
                 "read_files": self.read_files,
                 "big_files": self.big_files,
             },
+            "read_repeat": self.repeat,
             "rate_mbit": self.rate_mbit,
             "machine": { "cpus": self.cpus, "load": self.load, "kernel": self.kernel },
         })
@@ -155,7 +158,10 @@ impl Report {
             "  the node held the whole layer {:.1} s after the lazy pull began, and a local copy of every file {:.1} s later\n",
             self.complete_s, self.copies_s
         );
-        println!("whole layer, cold cache            s      MiB/s   vs overlayfs");
+        println!(
+            "whole layer, cold cache (median of {}; chunks: 1)   s   MiB/s   vs overlayfs",
+            self.repeat
+        );
         for (name, t) in [
             ("overlayfs snapshot", &self.overlay_read),
             ("FUSE, chunks (no copies)", &self.chunk_read),
