@@ -26,41 +26,31 @@ pub enum BlobState {
     Discarded,
 }
 
-/// What [`Blob::write_piece`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PieceWrite {
-    /// The piece is new and now visible.
-    Added,
-    /// The piece was already present (endgame duplicates land here).
-    Duplicate,
-    /// The piece's hash is not known yet, so it cannot be checked: the caller keeps it and
-    /// retries once the metainfo has it.
-    HashUnknown,
-}
-
 #[derive(Debug)]
 pub(super) struct Entry {
-    digest: Digest,
+    pub(super) digest: Digest,
     size: u64,
     /// Fixed for the blob's life; kept outside the lock so readers need not copy the metainfo.
-    layout: Layout,
+    pub(super) layout: Layout,
     /// The data file. Stays valid across the rename from `partial/` to `blobs/`.
-    file: File,
+    pub(super) file: File,
     state: Mutex<EntryState>,
     /// Bumped whenever a piece lands or the state changes.
-    changed: watch::Sender<u64>,
+    pub(super) changed: watch::Sender<u64>,
 }
 
 #[derive(Debug)]
-struct EntryState {
-    meta: Metainfo,
-    have: Bitfield,
+pub(super) struct EntryState {
+    pub(super) meta: Metainfo,
+    pub(super) have: Bitfield,
+    /// Pieces a [`super::PieceWriter`] is writing: nobody else writes their bytes meanwhile.
+    pub(super) writing: Bitfield,
     /// Append-only journal of durable pieces; `None` once complete.
-    journal: Option<File>,
-    status: BlobState,
+    pub(super) journal: Option<File>,
+    pub(super) status: BlobState,
 }
 
-fn partial_dir(root: &Path, digest: &Digest) -> std::path::PathBuf {
+pub(super) fn partial_dir(root: &Path, digest: &Digest) -> std::path::PathBuf {
     root.join("partial").join(digest.hex())
 }
 
@@ -218,6 +208,7 @@ impl Entry {
             layout: meta.layout(),
             file,
             state: Mutex::new(EntryState {
+                writing: Bitfield::new(meta.piece_count()),
                 meta,
                 have,
                 journal,
@@ -284,7 +275,7 @@ impl Entry {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, EntryState> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, EntryState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -310,6 +301,10 @@ fn open_existing(path: &Path) -> Result<(File, u64)> {
     Ok((file, len))
 }
 
+/// Bytes read at a time when hashing a whole file: pieces can be 16 MiB, and a blob completes
+/// while its pieces are still being served.
+const HASH_BLOCK: usize = 64 << 10;
+
 /// Hashes a whole file, piece by piece and as a whole, checking it against `digest`.
 fn hash_file(file: &File, digest: Digest, size: u64, path: &Path) -> Result<Metainfo> {
     let meta = hash_pieces(file, size, path)?;
@@ -327,14 +322,20 @@ fn hash_pieces(file: &File, size: u64, path: &Path) -> Result<Metainfo> {
     // The digest is not known until the end; the layout does not depend on it.
     let mut meta = Metainfo::empty(Digest::from_bytes([0; 32]), size)?;
     let mut whole = Hasher::new();
-    let mut buf = vec![0u8; meta.piece_size as usize];
+    let mut buf = vec![0u8; HASH_BLOCK];
     for index in 0..meta.piece_count() {
         let range = meta.piece_range(index);
-        let chunk = &mut buf[..(range.end - range.start) as usize];
-        file.read_exact_at(chunk, range.start)
-            .map_err(StoreError::io("reading", path))?;
-        whole.update(chunk);
-        meta.set_hash(index, PieceHash::of(chunk))?;
+        let mut piece = Hasher::new();
+        let mut pos = range.start;
+        while pos < range.end {
+            let block = &mut buf[..(range.end - pos).min(HASH_BLOCK as u64) as usize];
+            file.read_exact_at(block, pos)
+                .map_err(StoreError::io("reading", path))?;
+            whole.update(block);
+            piece.update(block);
+            pos += block.len() as u64;
+        }
+        meta.set_hash(index, PieceHash(*piece.finish().as_bytes()))?;
     }
     meta.digest = whole.finish();
     Ok(meta)
@@ -377,8 +378,8 @@ impl Entry {
 /// A handle on a blob in the store. While any handle exists the blob is not evicted.
 #[derive(Clone, Debug)]
 pub struct Blob {
-    entry: Arc<Entry>,
-    store: BlobStore,
+    pub(super) entry: Arc<Entry>,
+    pub(super) store: BlobStore,
 }
 
 impl Blob {
@@ -439,93 +440,8 @@ impl Blob {
         Ok(st.meta.merge(other)?)
     }
 
-    /// Checks `data` against the hash of piece `index` and, if it matches, writes it durably
-    /// and makes it visible. `from_upstream` pieces with no known hash define it (they came
-    /// from the registry; the whole-blob digest check at the end still covers them).
-    ///
-    /// Blocking: call from `spawn_blocking` in async code. Completing the last piece hashes the
-    /// whole blob.
-    pub fn write_piece(&self, index: u32, data: &[u8], from_upstream: bool) -> Result<PieceWrite> {
-        let digest = self.entry.digest;
-        let hash = PieceHash::of(data);
-        let offset = {
-            let mut st = self.entry.lock();
-            match st.status {
-                BlobState::Complete => return Ok(PieceWrite::Duplicate),
-                BlobState::Discarded => return Err(StoreError::Discarded { digest }),
-                BlobState::Partial => {}
-            }
-            let count = st.meta.piece_count();
-            if index >= count {
-                return Err(crate::metainfo::MetainfoError::PieceIndex {
-                    digest,
-                    index,
-                    count,
-                }
-                .into());
-            }
-            let expected = st.meta.piece_len(index);
-            if data.len() != expected {
-                return Err(StoreError::PieceLength {
-                    digest,
-                    index,
-                    got: data.len(),
-                    expected,
-                });
-            }
-            if st.have.get(index) {
-                return Ok(PieceWrite::Duplicate);
-            }
-            match st.meta.pieces[index as usize] {
-                Some(known) if known == hash => {}
-                Some(_) => return Err(StoreError::PieceMismatch { digest, index }),
-                None if from_upstream => {
-                    st.meta.set_hash(index, hash)?;
-                }
-                None => return Ok(PieceWrite::HashUnknown),
-            }
-            st.meta.piece_range(index).start
-        };
-        // Verified bytes only: two writers of the same piece write identical bytes.
-        let path = Path::new("<blob data>");
-        self.entry
-            .file
-            .write_all_at(data, offset)
-            .map_err(StoreError::io("writing piece to", path))?;
-        self.entry
-            .file
-            .sync_data()
-            .map_err(StoreError::io("syncing", path))?;
-
-        let mut st = self.entry.lock();
-        if st.status != BlobState::Partial || !st.have.set(index) {
-            return Ok(PieceWrite::Duplicate);
-        }
-        if let Some(journal) = st.journal.as_mut() {
-            let res = journal
-                .write_all(&index.to_le_bytes())
-                .and_then(|()| journal.sync_data());
-            if let Err(source) = res {
-                st.have.clear(index);
-                return Err(StoreError::Io {
-                    action: "journaling piece in",
-                    path: partial_dir(self.store.root(), &digest),
-                    source,
-                });
-            }
-        }
-        let complete = st.have.is_full();
-        drop(st);
-        if complete {
-            self.finish()?;
-        } else {
-            self.entry.changed.send_modify(|g| *g += 1);
-        }
-        Ok(PieceWrite::Added)
-    }
-
     /// Every piece is present: check the whole blob and move it into `blobs/`.
-    fn finish(&self) -> Result<()> {
+    pub(super) fn finish(&self) -> Result<()> {
         let digest = self.entry.digest;
         let root = self.store.root().to_owned();
         let dir = partial_dir(&root, &digest);

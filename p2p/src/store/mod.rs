@@ -11,13 +11,15 @@
 //! partial/<hex>/pieces   journal of pieces that are verified and durable (u32 LE each)
 //! ```
 //!
-//! A piece is written and `fdatasync`ed before its index is appended to the journal, and the
-//! journal is synced before the piece becomes visible, so after a crash a partial blob resumes
-//! from exactly the pieces it had. When the last piece lands the whole file is hashed against the
+//! A piece's bytes are written into the data file as they arrive (`piece.rs`), checked against
+//! its hash and `fdatasync`ed before its index is appended to the journal, and the journal is
+//! synced before the piece becomes visible, so after a crash a partial blob resumes from exactly
+//! the pieces it had. When the last piece lands the whole file is hashed against the
 //! blob digest and renamed into `blobs/`; on mismatch it is discarded. Complete blobs nobody holds
 //! a handle on are evicted least-recently-used first when the store is over its size cap.
 
 mod blob;
+mod piece;
 
 use std::collections::HashMap;
 use std::fs;
@@ -28,7 +30,8 @@ use std::sync::{Arc, Mutex};
 use lru::LruCache;
 use tracing::{info, warn};
 
-pub use blob::{Blob, BlobState, PieceWrite};
+pub use blob::{Blob, BlobState};
+pub use piece::{PieceWrite, PieceWriter};
 
 use crate::digest::Digest;
 use crate::metainfo::{Metainfo, MetainfoError};

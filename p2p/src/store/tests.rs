@@ -131,6 +131,74 @@ fn unknown_hashes_are_held_back_unless_from_upstream() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_streamed_piece_is_invisible_until_committed_and_claimed_meanwhile() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path(), u64::MAX)?;
+    let data = blob_bytes((2 << 20) + 7, 5);
+    let meta = Metainfo::of_bytes(Digest::of(&data), &data)?;
+    let blob = store.open_blob(&Metainfo::empty(meta.digest, meta.size)?)?;
+    let p1 = piece(&meta, &data, 1);
+
+    let mut writer = blob
+        .piece_writer(1)?
+        .ok_or_else(|| anyhow::anyhow!("piece 1 not free"))?;
+    assert_eq!(writer.len(), p1.len());
+    // A broken first attempt, then the whole piece in uneven blocks.
+    writer.write(&[0xaa; 1000])?;
+    writer.restart();
+    for block in p1.chunks(300_000) {
+        writer.write(block)?;
+        assert!(!blob.has_piece(1));
+    }
+    assert!(writer.write(b"x").is_err(), "more than the piece");
+    // Nobody else writes the piece while it is claimed.
+    assert!(blob.piece_writer(1)?.is_none());
+    assert_eq!(blob.write_piece(1, p1, true)?, PieceWrite::Duplicate);
+    // Its hash is not known yet: the claim and the bytes stay.
+    assert_eq!(writer.commit(false)?, PieceWrite::HashUnknown);
+    assert!(!blob.has_piece(1) && blob.piece_writer(1)?.is_none());
+    let mut buf = vec![0u8; 10];
+    assert!(matches!(
+        blob.read_at(meta.piece_range(1).start, &mut buf),
+        Err(StoreError::Missing { .. })
+    ));
+    blob.learn_hashes(&meta)?;
+    assert_eq!(writer.commit(false)?, PieceWrite::Added);
+    assert_eq!(writer.hash(), meta.pieces[1]);
+    blob.read_at(meta.piece_range(1).start, &mut buf)?;
+    assert_eq!(buf, p1[..10]);
+
+    // A bad piece releases its claim, so a good copy can follow; a dropped writer too.
+    let mut bad = blob
+        .piece_writer(0)?
+        .ok_or_else(|| anyhow::anyhow!("piece 0 not free"))?;
+    bad.write(&vec![0u8; bad.len()])?;
+    assert!(matches!(
+        bad.commit(false),
+        Err(StoreError::PieceMismatch { index: 0, .. })
+    ));
+    drop(blob.piece_writer(0)?);
+    let mut short = blob
+        .piece_writer(0)?
+        .ok_or_else(|| anyhow::anyhow!("piece 0 not released"))?;
+    short.write(&piece(&meta, &data, 0)[..5])?;
+    assert!(matches!(
+        short.commit(false),
+        Err(StoreError::PieceLength { got: 5, .. })
+    ));
+    assert!(!blob.has_piece(0));
+    for i in [0, 2] {
+        assert_eq!(
+            blob.write_piece(i, piece(&meta, &data, i), false)?,
+            PieceWrite::Added
+        );
+    }
+    assert!(blob.is_complete());
+    assert!(blob.piece_writer(0)?.is_none());
+    Ok(())
+}
+
+#[test]
 fn blob_failing_its_digest_is_discarded() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = open(dir.path(), u64::MAX)?;

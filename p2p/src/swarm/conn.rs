@@ -1,18 +1,25 @@
 //! One peer connection for one blob: the handshake, a reader that forwards what the peer says
 //! to the torrent, and a writer that sends our messages and serves the peer's requests.
 //!
+//! Pieces move between the socket and the store file a chunk at a time ([`PIECE_CHUNK`]), never
+//! whole: the writer reads a piece it uploads from the store chunk by chunk, and the reader
+//! writes a piece it receives into the store as it arrives (`sink.rs`) and hands the torrent the
+//! claimed, hashed piece to commit. The reader takes only pieces we asked this peer for.
+//!
 //! Uploads are queued per connection (bounded) and served one piece at a time through the
-//! node's egress limiter, so a connection holds at most one piece in memory for uploads. The
-//! kernel keeps only a little unsent data per socket (`TCP_NOTSENT_LOWAT`), so the queue is the
-//! real backlog. A request is answered with `Reject` (ask elsewhere) when we lack the piece,
-//! when we are its only holder and already sending it to someone (super-seeding: the first copy
-//! of a new piece goes to one peer, who passes it on, instead of our uplink carrying it to
-//! everyone), or when our queue is busy and another peer has it.
+//! node's egress limiter. The kernel keeps only a little unsent data per socket
+//! (`TCP_NOTSENT_LOWAT`), so the queue is the real backlog. A request is answered with `Reject`
+//! (ask elsewhere) when we lack the piece, when we are its only holder and already sending it to
+//! someone (super-seeding: the first copy of a new piece goes to one peer, who passes it on,
+//! instead of our uplink carrying it to everyone), or when our queue is busy and another peer
+//! has it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -23,9 +30,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::SwarmCtx;
-use super::torrent::Event;
-use crate::store::Blob;
-use crate::wire::{Codec, Hello, Message, PeerId, WireError};
+use super::sink::PieceSink;
+use super::torrent::{Event, REQUEST_TIMEOUT};
+use crate::store::{Blob, PieceWriter, StoreError};
+use crate::wire::{Codec, Hello, Message, PIECE_CHUNK, PeerId, WireError};
 
 pub(super) type Transport = Framed<TcpStream, Codec>;
 
@@ -50,7 +58,7 @@ pub(super) async fn dial(addr: &str, hello: Hello) -> Result<(Transport, Hello),
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     tune(&stream)?;
-    let mut framed = Framed::new(stream, Codec);
+    let mut framed = Framed::new(stream, Codec::default());
     framed.send(Message::Hello(hello)).await?;
     let theirs = read_hello(&mut framed).await?;
     Ok((framed, theirs))
@@ -64,22 +72,9 @@ pub(super) async fn read_hello(framed: &mut Transport) -> Result<Hello, WireErro
         Ok(Some(Ok(Message::Hello(h)))) => Ok(h),
         Ok(Some(Ok(other))) => Err(WireError::BadHello(format!(
             "expected hello, got {}",
-            kind(&other)
+            other.kind()
         ))),
         Ok(Some(Err(e))) => Err(e),
-    }
-}
-
-fn kind(m: &Message) -> &'static str {
-    match m {
-        Message::Hello(_) => "hello",
-        Message::Bitfield(_) => "bitfield",
-        Message::Have(_) => "have",
-        Message::Request(_) => "request",
-        Message::Piece { .. } => "piece",
-        Message::Cancel(_) => "cancel",
-        Message::Reject(_) => "reject",
-        Message::Goodbye(_) => "goodbye",
     }
 }
 
@@ -181,6 +176,36 @@ impl Drop for Uploads {
     }
 }
 
+/// Pieces we asked this peer for and have not received, with when we asked: the writer adds a
+/// request as it sends it and drops a cancelled one, the reader takes each piece that arrives
+/// out (or a reject).
+#[derive(Debug, Default)]
+struct Asked(Mutex<HashMap<u32, Instant>>);
+
+impl Asked {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Instant>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes what an outgoing message asks for or takes back.
+    fn sending(&self, msg: &Message) {
+        match msg {
+            Message::Request(index) => {
+                self.lock().insert(*index, Instant::now());
+            }
+            Message::Cancel(index) => {
+                self.lock().remove(index);
+            }
+            _ => {}
+        }
+    }
+
+    /// When `index` was asked for, if it was; it no longer is.
+    fn take(&self, index: u32) -> Option<Instant> {
+        self.lock().remove(&index)
+    }
+}
+
 /// Everything a running connection needs.
 pub(super) struct Conn {
     pub id: u64,
@@ -204,19 +229,23 @@ impl Conn {
             ready: Notify::new(),
             counts: self.counts.clone(),
         });
-        let writer = tokio::spawn(write_loop(
-            sink,
-            self.outbox,
-            uploads.clone(),
-            self.blob.clone(),
-            self.ctx.clone(),
-            self.cancel.clone(),
-        ));
+        let asked = Arc::new(Asked::default());
+        let writer = tokio::spawn(
+            Writer {
+                sink,
+                uploads: uploads.clone(),
+                asked: asked.clone(),
+                blob: self.blob.clone(),
+                ctx: self.ctx.clone(),
+            }
+            .run(self.outbox, self.cancel.clone()),
+        );
         let reader = Reader {
             events: &self.events,
             conn: self.id,
             reply: &self.reply,
             uploads: &uploads,
+            asked: &asked,
             blob: &self.blob,
             ctx: &self.ctx,
         };
@@ -237,18 +266,21 @@ impl Conn {
     }
 }
 
+type Stream = futures::stream::SplitStream<Transport>;
+
 struct Reader<'a> {
     events: &'a mpsc::Sender<Event>,
     conn: u64,
     reply: &'a mpsc::Sender<Message>,
     uploads: &'a Uploads,
+    asked: &'a Asked,
     blob: &'a Blob,
     ctx: &'a SwarmCtx,
 }
 
 impl Reader<'_> {
     /// Forwards what the peer says to the torrent and queues its requests; returns why it ended.
-    async fn run(self, mut stream: futures::stream::SplitStream<Transport>) -> String {
+    async fn run(self, mut stream: Stream) -> String {
         let conn = self.conn;
         loop {
             let msg = match stream.next().await {
@@ -277,13 +309,19 @@ impl Reader<'_> {
                     self.uploads.cancel(index);
                     continue;
                 }
-                Message::Piece { index, data } => {
-                    self.ctx.ingress.acquire(data.len()).await;
-                    Event::Piece { conn, index, data }
+                Message::PieceHead { index, len } => {
+                    match self.receive_piece(&mut stream, index, len).await {
+                        Ok(piece) => Event::Piece { conn, index, piece },
+                        Err(reason) => return reason,
+                    }
                 }
+                Message::PieceData(_) => return "piece data outside a piece".into(),
                 Message::Bitfield(bits) => Event::Bitfield { conn, bits },
                 Message::Have(index) => Event::Have { conn, index },
-                Message::Reject(index) => Event::Reject { conn, index },
+                Message::Reject(index) => {
+                    self.asked.take(index);
+                    Event::Reject { conn, index }
+                }
                 Message::Goodbye(reason) => return format!("peer said goodbye: {reason}"),
                 Message::Hello(_) => return "second hello".into(),
             };
@@ -292,58 +330,161 @@ impl Reader<'_> {
             }
         }
     }
+
+    /// Receives the `len` bytes of piece `index` into the store, for the torrent to commit.
+    /// `None` if we did not ask for it, the store has it or is writing it already, or it took
+    /// longer than the torrent waits for a request: its bytes are read and dropped. `Err` says
+    /// why the connection must end.
+    async fn receive_piece(
+        &self,
+        stream: &mut Stream,
+        index: u32,
+        len: u32,
+    ) -> Result<Option<Result<PieceWriter, StoreError>>, String> {
+        let asked = self.asked.take(index);
+        // The piece is claimed while it arrives: a peer that stalls must not keep it from
+        // others once the torrent has given up on this request and asked elsewhere.
+        let deadline = asked.map(|at| at + REQUEST_TIMEOUT);
+        let mut sink = if asked.is_some() {
+            match self.blob.piece_writer(index) {
+                Ok(Some(piece)) if piece.len() == len as usize => Some(Ok(PieceSink::new(piece))),
+                Ok(Some(piece)) => Some(Err(StoreError::PieceLength {
+                    digest: self.blob.digest(),
+                    index,
+                    got: len as usize,
+                    expected: piece.len(),
+                })),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            }
+        } else {
+            None
+        };
+        let mut left = len as usize;
+        while left > 0 {
+            let next = match (&sink, deadline) {
+                (Some(Ok(_)), Some(deadline)) => {
+                    match tokio::time::timeout_at(deadline, stream.next()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            sink = None;
+                            continue;
+                        }
+                    }
+                }
+                _ => stream.next().await,
+            };
+            let chunk = match next {
+                Some(Ok(Message::PieceData(chunk))) => chunk,
+                Some(Ok(other)) => return Err(format!("{} inside a piece", other.kind())),
+                Some(Err(e)) => return Err(format!("protocol error: {e}")),
+                None => return Err("peer closed the connection inside a piece".into()),
+            };
+            // The codec never hands out more than the piece's header announced.
+            left = left.saturating_sub(chunk.len());
+            self.ctx.ingress.acquire(chunk.len()).await;
+            if let Some(Ok(s)) = &mut sink
+                && let Err(e) = s.append(chunk).await
+            {
+                sink = Some(Err(e));
+            }
+        }
+        Ok(match sink {
+            None => None,
+            Some(Ok(s)) => Some(s.finish().await),
+            Some(Err(e)) => Some(Err(e)),
+        })
+    }
 }
 
-async fn write_loop(
-    mut sink: futures::stream::SplitSink<Transport, Message>,
-    mut outbox: mpsc::Receiver<Message>,
+/// Sends our messages and the pieces the peer asked for.
+struct Writer {
+    sink: futures::stream::SplitSink<Transport, Message>,
     uploads: Arc<Uploads>,
+    asked: Arc<Asked>,
     blob: Blob,
     ctx: Arc<SwarmCtx>,
-    cancel: CancellationToken,
-) {
-    loop {
-        // Control messages (requests, haves) go ahead of piece uploads.
-        let (msg, uploaded) = tokio::select! {
-            biased;
-            () = cancel.cancelled() => break,
-            m = outbox.recv() => match m { Some(m) => (m, None), None => break },
-            () = uploads.ready.notified(), if uploads.queue().is_empty() => continue,
-            Some(index) = async { uploads.pop() } => {
-                // A node-wide cap on pieces being sent bounds upload memory whatever the number
-                // of connections, and keeps each upload fast rather than many slow.
-                let slot = ctx.upload_slots.clone().acquire_owned().await.ok();
-                let msg = match read_piece(&blob, index).await {
-                    Some(data) => {
-                        ctx.egress.acquire(data.len()).await;
-                        ctx.metrics.bytes_to_peers.inc_by(data.len() as u64);
-                        ctx.metrics.pieces_served.inc();
-                        let data = if ctx.cfg.corrupt_uploads { corrupt(data) } else { data };
-                        Message::Piece { index, data }
-                    }
-                    None => Message::Reject(index),
-                };
-                (msg, Some((index, slot)))
-            }
-        };
-        let sent = sink.send(msg).await;
-        if let Some((index, _slot)) = uploaded {
-            uploads.done(index);
-        }
-        if sent.is_err() {
-            break;
-        }
-    }
-    cancel.cancel();
 }
 
-async fn read_piece(blob: &Blob, index: u32) -> Option<Bytes> {
+impl Writer {
+    async fn run(mut self, mut outbox: mpsc::Receiver<Message>, cancel: CancellationToken) {
+        loop {
+            // Control messages (requests, haves) go ahead of piece uploads.
+            let sent = tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                m = outbox.recv() => match m {
+                    Some(msg) => {
+                        self.asked.sending(&msg);
+                        self.sink.send(msg).await
+                    }
+                    None => break,
+                },
+                () = self.uploads.ready.notified(), if self.uploads.queue().is_empty() => continue,
+                Some(index) = async { self.uploads.pop() } => {
+                    // A node-wide cap on pieces being sent keeps each upload fast rather than
+                    // many slow.
+                    let slot = self.ctx.upload_slots.clone().acquire_owned().await.ok();
+                    let sent = self.upload(index).await;
+                    drop(slot);
+                    self.uploads.done(index);
+                    sent
+                }
+            };
+            if let Err(e) = sent {
+                debug!(digest = ?self.blob.digest(), error = %e, "sending to peer");
+                break;
+            }
+        }
+        cancel.cancel();
+    }
+
+    /// Sends piece `index` from the store a chunk at a time, or a `Reject` if we cannot read it.
+    async fn upload(&mut self, index: u32) -> Result<(), WireError> {
+        let range = self.blob.layout().piece_range(index);
+        let first = if self.blob.has_piece(index) {
+            read_chunk(&self.blob, range.start, range.end).await
+        } else {
+            None
+        };
+        let Some(mut chunk) = first else {
+            return self.sink.send(Message::Reject(index)).await;
+        };
+        let len = (range.end - range.start) as u32;
+        self.sink.feed(Message::PieceHead { index, len }).await?;
+        if self.ctx.cfg.corrupt_uploads {
+            chunk = corrupt(chunk);
+        }
+        let mut pos = range.start;
+        loop {
+            self.ctx.egress.acquire(chunk.len()).await;
+            self.ctx.metrics.bytes_to_peers.inc_by(chunk.len() as u64);
+            pos += chunk.len() as u64;
+            self.sink.send(Message::PieceData(chunk)).await?;
+            if pos == range.end {
+                break;
+            }
+            // Half a piece is already on the wire: the connection cannot go on without the rest.
+            chunk = read_chunk(&self.blob, pos, range.end)
+                .await
+                .ok_or_else(|| std::io::Error::other(format!("piece {index} left the store")))?;
+        }
+        self.ctx.metrics.pieces_served.inc();
+        Ok(())
+    }
+}
+
+/// Reads the next chunk of a piece at `pos` (up to `end`); `None` if the store lacks it.
+async fn read_chunk(blob: &Blob, pos: u64, end: u64) -> Option<Bytes> {
     let blob = blob.clone();
-    tokio::task::spawn_blocking(move || blob.read_piece(index))
+    // Allocated here, not on the blocking pool: memory freed by a thread goes back to the
+    // malloc arena it came from, and each of the pool's many short-lived threads would
+    // otherwise keep an arena of chunks to itself.
+    let mut buf = vec![0u8; (end - pos).min(PIECE_CHUNK as u64) as usize];
+    tokio::task::spawn_blocking(move || blob.read_at(pos, &mut buf).map(|()| Bytes::from(buf)))
         .await
         .ok()?
         .ok()
-        .map(Bytes::from)
 }
 
 /// Test hook (`p2p.corrupt_uploads`): flips a byte of every piece served, to prove peers catch it.

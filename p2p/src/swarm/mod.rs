@@ -5,12 +5,14 @@
 //!   one torrent per blob. [`Swarm::fetch`] is how the rest of the node asks for a blob.
 //! - `torrent.rs` is the per-blob actor: announces, peer set, requests, upstream fetches.
 //! - `scheduler.rs` decides which piece to request next (rarest first, endgame).
-//! - `conn.rs` runs one peer connection; `ratelimit.rs` caps ingress and egress.
+//! - `conn.rs` runs one peer connection; `sink.rs` writes a piece into the store as it arrives
+//!   (from a peer or upstream); `ratelimit.rs` caps ingress and egress.
 
 mod conn;
 mod metrics;
 mod ratelimit;
 mod scheduler;
+mod sink;
 mod torrent;
 
 use std::collections::HashMap;
@@ -288,7 +290,7 @@ impl Swarm {
         if let Err(e) = conn::tune(&stream) {
             debug!(%addr, error = %e, "tuning peer socket");
         }
-        let mut transport = Framed::new(stream, Codec);
+        let mut transport = Framed::new(stream, Codec::default());
         let hello = match conn::read_hello(&mut transport).await {
             Ok(h) => h,
             Err(e) => {

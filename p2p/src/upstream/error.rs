@@ -41,6 +41,17 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// The caller could not keep the bytes of a range (its store failed): not the registry's
+    /// fault, and not retried.
+    #[error("storing {what} from {registry}/{repository}")]
+    Sink {
+        registry: String,
+        repository: String,
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+
     #[error("building the HTTP client for upstream registries")]
     Client(#[source] reqwest::Error),
 

@@ -9,7 +9,7 @@ use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, HeaderMap, WWW_AUTHENTICATE
 use reqwest::{Body, Method, Response};
 
 use super::challenge::parse_challenges;
-use super::{BlobSource, Error, Upstream};
+use super::{BlobSource, Error, RangeSink, Upstream};
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -76,6 +76,15 @@ impl Target<'_> {
             repository: self.src.repository.clone(),
             what: self.what.clone(),
             limit,
+        }
+    }
+
+    pub fn sink(&self, source: std::io::Error) -> Error {
+        Error::Sink {
+            registry: self.src.registry.clone(),
+            repository: self.src.repository.clone(),
+            what: self.what.clone(),
+            source,
         }
     }
 
@@ -181,15 +190,23 @@ impl Upstream {
         let mut attempt = 0;
         loop {
             match op().await {
-                Err(e) if e.is_retryable() && attempt < self.inner.retries => {
-                    let delay = backoff(attempt);
-                    attempt += 1;
-                    tracing::debug!(error = %e, attempt, ?delay, "retrying upstream request");
-                    tokio::time::sleep(delay).await;
-                }
+                Err(e) if self.retry_after(&e, &mut attempt).await => {}
                 result => return result,
             }
         }
+    }
+
+    /// Whether to try again after `e` (transient, and retries left); if so, waits the backoff
+    /// first and counts the attempt.
+    pub(super) async fn retry_after(&self, e: &Error, attempt: &mut u32) -> bool {
+        if !e.is_retryable() || *attempt >= self.inner.retries {
+            return false;
+        }
+        let delay = backoff(*attempt);
+        *attempt += 1;
+        tracing::debug!(error = %e, attempt, ?delay, "retrying upstream request");
+        tokio::time::sleep(delay).await;
+        true
     }
 }
 
@@ -239,29 +256,32 @@ pub(super) async fn read_capped(
     Ok(body.freeze())
 }
 
-/// Reads exactly `len` bytes: more is a protocol error, fewer a broken transfer.
-pub(super) async fn read_exact(
+/// Hands exactly `len` bytes of body to `sink`: more is a protocol error, fewer a broken
+/// transfer.
+pub(super) async fn read_exact_into(
     mut response: Response,
-    len: usize,
+    len: u64,
+    sink: &mut impl RangeSink,
     target: &Target<'_>,
-) -> Result<Bytes, Error> {
-    let mut body = BytesMut::with_capacity(len);
+) -> Result<(), Error> {
+    let mut got = 0u64;
     while let Some(chunk) = response.chunk().await.map_err(|e| target.request(e))? {
-        if chunk.len() > len - body.len() {
+        if chunk.len() as u64 > len - got {
             return Err(target.bad(format!("more than the {len} bytes asked for")));
         }
-        body.extend_from_slice(&chunk);
+        got += chunk.len() as u64;
+        sink.write(chunk).await.map_err(|e| target.sink(e))?;
     }
-    if body.len() != len {
+    if got != len {
         return Err(Error::ShortBody {
             registry: target.src.registry.clone(),
             repository: target.src.repository.clone(),
             what: target.what.clone(),
-            expected: len as u64,
-            got: body.len() as u64,
+            expected: len,
+            got,
         });
     }
-    Ok(body.freeze())
+    Ok(())
 }
 
 #[cfg(test)]

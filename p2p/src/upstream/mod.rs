@@ -34,7 +34,7 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use reqwest::Method;
 use reqwest::header::{ACCEPT, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, HeaderValue, RANGE};
 use serde::{Deserialize, Serialize};
@@ -44,7 +44,7 @@ pub use self::config::RegistryConfig;
 use self::credentials::Credentials;
 pub use self::error::Error;
 use self::http::{
-    DOCKER_CONTENT_DIGEST, Target, content_length, header_str, read_capped, read_exact,
+    DOCKER_CONTENT_DIGEST, Target, content_length, header_str, read_capped, read_exact_into,
 };
 pub use self::push::{BlobBody, OnProgress};
 use crate::Digest;
@@ -86,6 +86,33 @@ impl BlobSource {
 impl fmt::Display for BlobSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.registry, self.repository)
+    }
+}
+
+/// Where [`Upstream::fetch_range_into`] puts a range's bytes as they arrive, so that a large
+/// range need not be held in memory (the swarm writes pieces straight into the store).
+pub trait RangeSink: Send {
+    /// Forgets what was written: the range is being sent again from its first byte (a retry).
+    fn restart(&mut self);
+    /// Takes the next bytes of the range. An error ends the transfer and is not retried.
+    fn write(&mut self, chunk: Bytes) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+/// The sink of [`Upstream::fetch_range`]: the whole range in memory (its length, reserved at
+/// the first write).
+struct Memory(BytesMut, usize);
+
+impl RangeSink for Memory {
+    fn restart(&mut self) {
+        self.0.clear();
+    }
+
+    fn write(&mut self, chunk: Bytes) -> impl Future<Output = std::io::Result<()>> + Send {
+        if self.0.capacity() == 0 {
+            self.0.reserve(self.1);
+        }
+        self.0.extend_from_slice(&chunk);
+        std::future::ready(Ok(()))
     }
 }
 
@@ -156,16 +183,39 @@ impl Upstream {
         .await
     }
 
-    /// `GET` with `Range: bytes=start-(end-1)`: exactly `range.end - range.start` bytes.
-    ///
-    /// A server that ignores `Range` and answers with the whole blob is an error
-    /// ([`Error::RangeIgnored`]) found from the headers alone, unless the range is the whole blob.
+    /// `GET` with `Range: bytes=start-(end-1)`: exactly `range.end - range.start` bytes, in
+    /// memory (see [`Upstream::fetch_range_into`] for ranges too large for that).
     pub async fn fetch_range(
         &self,
         src: &BlobSource,
         digest: &Digest,
         range: Range<u64>,
     ) -> Result<Bytes, Error> {
+        let len = usize::try_from(range.end.saturating_sub(range.start)).map_err(|_| {
+            Error::InvalidInput {
+                what: "byte range",
+                value: format!("{range:?} of {digest}"),
+                reason: "longer than this machine can hold in memory",
+            }
+        })?;
+        let mut body = Memory(BytesMut::new(), len);
+        self.fetch_range_into(src, digest, range, &mut body).await?;
+        Ok(body.0.freeze())
+    }
+
+    /// `GET` with `Range: bytes=start-(end-1)`, handing the body to `sink` as it arrives: exactly
+    /// `range.end - range.start` bytes, or an error. A retry (after a broken transfer, say)
+    /// restarts the sink and sends the range again.
+    ///
+    /// A server that ignores `Range` and answers with the whole blob is an error
+    /// ([`Error::RangeIgnored`]) found from the headers alone, unless the range is the whole blob.
+    pub async fn fetch_range_into(
+        &self,
+        src: &BlobSource,
+        digest: &Digest,
+        range: Range<u64>,
+        sink: &mut impl RangeSink,
+    ) -> Result<(), Error> {
         src.validate()?;
         let invalid = |reason| Error::InvalidInput {
             what: "byte range",
@@ -176,10 +226,8 @@ impl Upstream {
             return Err(invalid("start is after end"));
         }
         if range.is_empty() {
-            return Ok(Bytes::new());
+            return Ok(());
         }
-        let len = usize::try_from(range.end - range.start)
-            .map_err(|_| invalid("longer than this machine can hold in memory"))?;
         let last = range.end - 1;
         let target = Target {
             src,
@@ -192,27 +240,43 @@ impl Upstream {
             RANGE,
             HeaderValue::try_from(value).map_err(|_| invalid("not a header"))?,
         );
+        // Not `retrying`: each attempt needs the sink, which only one future may borrow.
+        let mut attempt = 0;
+        loop {
+            sink.restart();
+            match self.read_range(&target, &url, &headers, &range, sink).await {
+                Err(e) if self.retry_after(&e, &mut attempt).await => {}
+                result => return result,
+            }
+        }
+    }
 
-        let (target, url, headers, range) = (&target, &url, &headers, &range);
-        self.retrying(|| async move {
-            let response = self.send(target, &Method::GET, url, headers).await?;
-            let status = response.status().as_u16();
-            let announced = content_length(&response);
-            match status {
-                206 => check_content_range(&response, range.start, last, target)?,
-                // The whole blob is acceptable when it is exactly the range asked for.
-                200 if range.start == 0 && announced == Some(len as u64) => {}
-                200 => return Err(target.range_ignored(status, announced)),
-                _ => return Err(target.bad(format!("HTTP {status} to a range request"))),
-            }
-            if let Some(n) = announced
-                && n != len as u64
-            {
-                return Err(target.bad(format!("Content-Length {n} for a {len}-byte range")));
-            }
-            read_exact(response, len, target).await
-        })
-        .await
+    /// One attempt of [`Upstream::fetch_range_into`].
+    async fn read_range(
+        &self,
+        target: &Target<'_>,
+        url: &str,
+        headers: &HeaderMap,
+        range: &Range<u64>,
+        sink: &mut impl RangeSink,
+    ) -> Result<(), Error> {
+        let (len, last) = (range.end - range.start, range.end - 1);
+        let response = self.send(target, &Method::GET, url, headers).await?;
+        let status = response.status().as_u16();
+        let announced = content_length(&response);
+        match status {
+            206 => check_content_range(&response, range.start, last, target)?,
+            // The whole blob is acceptable when it is exactly the range asked for.
+            200 if range.start == 0 && announced == Some(len) => {}
+            200 => return Err(target.range_ignored(status, announced)),
+            _ => return Err(target.bad(format!("HTTP {status} to a range request"))),
+        }
+        if let Some(n) = announced
+            && n != len
+        {
+            return Err(target.bad(format!("Content-Length {n} for a {len}-byte range")));
+        }
+        read_exact_into(response, len, sink, target).await
     }
 
     /// `HEAD` or `GET /v2/<repo>/manifests/<reference>` with the caller's `Accept` media types

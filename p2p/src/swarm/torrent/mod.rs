@@ -2,8 +2,10 @@
 //! tracker announces and the upstream fetches for that blob.
 //!
 //! Connections and helper tasks report to it through [`Event`]s; it alone decides what to
-//! request, so no lock guards the scheduling state. Blocking work (writing and hashing pieces)
-//! runs on the blocking pool and reports back as events too.
+//! request, so no lock guards the scheduling state. A piece's bytes reach the store before the
+//! torrent hears of it (connections and upstream fetches stream them in, see `sink.rs`); the
+//! torrent then commits it on the blocking pool (check the hash, sync, make it visible), which
+//! reports back as an event too.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -24,7 +26,7 @@ use super::scheduler::Scheduler;
 use crate::bitfield::Bitfield;
 use crate::digest::Digest;
 use crate::metainfo::{Metainfo, PieceHash};
-use crate::store::{Blob, PieceWrite, StoreError};
+use crate::store::{Blob, PieceWrite, PieceWriter, StoreError};
 use crate::tracker::api::{
     AnnounceRequest, AnnounceResponse, BlobAnnounce, PublishRequest, ReportKind, ReportRequest,
     Stripe,
@@ -38,7 +40,8 @@ use crate::wire::{Hello, Message, PeerId, UNKNOWN_SIZE};
 const PER_PEER_INFLIGHT: usize = 4;
 /// Pieces held for want of a hash; beyond this they are dropped and fetched again later.
 const MAX_PENDING: usize = 8;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a request to a peer may take, piece and all, before it is asked elsewhere.
+pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 const REJECT_COOLDOWN: Duration = Duration::from_millis(300);
 const TICK: Duration = Duration::from_millis(200);
 /// Least time between two metainfo requests to the tracker from one torrent.
@@ -66,10 +69,13 @@ pub(super) enum Event {
         conn: u64,
         index: u32,
     },
+    /// A piece's bytes arrived from a peer and are in the store, claimed and hashed, for us to
+    /// commit; `None` if the connection dropped them (not asked for, or had already), `Err` if
+    /// they could not be stored.
     Piece {
         conn: u64,
         index: u32,
-        data: Bytes,
+        piece: Option<Result<PieceWriter, StoreError>>,
     },
     Reject {
         conn: u64,
@@ -85,14 +91,18 @@ pub(super) enum Event {
     Announced(Result<AnnounceResponse, TrackerError>),
     MetaRefreshed(Result<Option<Metainfo>, TrackerError>),
     SizeKnown(Result<u64, String>),
+    /// A piece fetched upstream is in the store, to commit like a peer's; `None` if the store
+    /// had it or was writing it already.
     Upstream {
         index: u32,
-        result: Result<Bytes, String>,
+        result: Result<Option<PieceWriter>, String>,
     },
+    /// A commit ended; the writer is back (`None` only if committing panicked), holding its
+    /// claim if the hash is unknown.
     Written {
         index: u32,
         from: Option<(u64, PeerId)>,
-        data: Bytes,
+        piece: Option<PieceWriter>,
         result: Result<PieceWrite, StoreError>,
     },
     /// A reader waits for this range (`needed`: is blocked on it, see [`Swarm::need`]).
@@ -168,8 +178,8 @@ pub(super) struct Torrent {
     /// When a reader last blocked on a piece this node lacked (a lazy read): the background
     /// fetch from upstream holds back until readers have been quiet for a while.
     last_need: Option<Instant>,
-    pending: HashMap<u32, (Bytes, Option<(u64, PeerId)>)>,
-    writing: HashSet<u32>,
+    /// Pieces whose bytes are stored (and claimed) but whose hash is not known yet.
+    pending: HashMap<u32, (PieceWriter, Option<(u64, PeerId)>)>,
     refreshing: bool,
     refresh_again: bool,
     /// Upstream pieces stored but not yet published to the tracker (nor announced to peers).
@@ -219,7 +229,6 @@ impl Torrent {
             upstream_inflight: 0,
             last_need: None,
             pending: HashMap::new(),
-            writing: HashSet::new(),
             refreshing: false,
             refresh_again: false,
             unpublished: Vec::new(),
@@ -399,7 +408,7 @@ impl Torrent {
                     self.counts.add_avail(index, 1);
                 }
             }
-            Event::Piece { conn, index, data } => self.on_piece(conn, index, data),
+            Event::Piece { conn, index, piece } => self.on_piece(conn, index, piece),
             Event::Reject { conn, index } => {
                 if let Some(p) = self.peers.get_mut(&conn)
                     && p.inflight.remove(&index).is_some()
@@ -431,13 +440,14 @@ impl Torrent {
                     s.request_done(index);
                 }
                 match result {
-                    Ok(data) => {
+                    Ok(Some(piece)) => {
                         self.ctx
                             .metrics
                             .bytes_from_upstream
-                            .inc_by(data.len() as u64);
-                        self.write(index, data, None);
+                            .inc_by(piece.len() as u64);
+                        self.write(piece, None);
                     }
+                    Ok(None) => {}
                     Err(e) => {
                         warn!(digest = %self.digest, index, error = %e, "fetching piece upstream")
                     }
@@ -446,9 +456,9 @@ impl Torrent {
             Event::Written {
                 index,
                 from,
-                data,
+                piece,
                 result,
-            } => self.on_written(index, from, data, result),
+            } => self.on_written(index, from, piece, result),
             Event::Published(pieces) => {
                 self.publishing = false;
                 self.announce_have(&pieces);

@@ -1,53 +1,57 @@
-//! Pieces arriving: storing them on the blocking pool, holding those whose hash is not yet
-//! published, and dealing with pieces that fail verification.
+//! Pieces arriving: committing them (their bytes are already in the store, see `sink.rs`) on
+//! the blocking pool, holding those whose hash is not yet published, and dealing with pieces
+//! that fail verification.
 
 use super::*;
 
 impl Torrent {
-    pub(super) fn on_piece(&mut self, conn: u64, index: u32, data: Bytes) {
+    pub(super) fn on_piece(
+        &mut self,
+        conn: u64,
+        index: u32,
+        piece: Option<Result<PieceWriter, StoreError>>,
+    ) {
         let Some(peer) = self.peers.get_mut(&conn) else {
             return;
         };
-        if peer.inflight.remove(&index).is_none() {
-            self.ctx.metrics.pieces_wasted.inc();
-            return;
-        }
         let from = Some((conn, peer.peer_id));
-        if let Some(s) = self.sched.as_mut() {
+        if peer.inflight.remove(&index).is_some()
+            && let Some(s) = self.sched.as_mut()
+        {
             s.request_done(index);
         }
-        if self.sched.as_ref().is_some_and(|s| s.have().get(index)) || self.writing.contains(&index)
-        {
-            self.ctx.metrics.pieces_wasted.inc();
-            return;
+        match piece {
+            Some(Ok(piece)) => self.write(piece, from),
+            Some(Err(e)) => self.on_written(index, from, None, Err(e)),
+            None => {
+                self.ctx.metrics.pieces_wasted.inc();
+            }
         }
-        self.write(index, data, from);
     }
 
-    /// Hands a piece to the store on the blocking pool; the result comes back as `Written`.
-    pub(super) fn write(&mut self, index: u32, data: Bytes, from: Option<(u64, PeerId)>) {
-        let Some(blob) = self.blob.clone() else {
-            return;
-        };
-        self.writing.insert(index);
+    /// Commits a stored piece on the blocking pool; the result comes back as `Written`.
+    pub(super) fn write(&mut self, mut piece: PieceWriter, from: Option<(u64, PeerId)>) {
+        let index = piece.index();
         // Not requested, not had: without this mark the piece would be fetched again meanwhile.
         if let Some(s) = self.sched.as_mut() {
             s.set_pending(index, true);
         }
         let tx = self.events_tx.clone();
         self.ctx.tasks.spawn(async move {
-            let d = data.clone();
-            let result =
-                tokio::task::spawn_blocking(move || blob.write_piece(index, &d, from.is_none()))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(StoreError::Corrupt(format!("piece writer panicked: {e}")))
-                    });
+            let (piece, result) = tokio::task::spawn_blocking(move || {
+                let result = piece.commit(from.is_none());
+                (Some(piece), result)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                let e = StoreError::Corrupt(format!("piece writer panicked: {e}"));
+                (None, Err(e))
+            });
             let _ = tx
                 .send(Event::Written {
                     index,
                     from,
-                    data,
+                    piece,
                     result,
                 })
                 .await;
@@ -58,17 +62,17 @@ impl Torrent {
         &mut self,
         index: u32,
         from: Option<(u64, PeerId)>,
-        data: Bytes,
+        piece: Option<PieceWriter>,
         result: Result<PieceWrite, StoreError>,
     ) {
-        self.writing.remove(&index);
         if let Some(s) = self.sched.as_mut() {
             s.set_pending(index, false);
         }
         match result {
             Ok(PieceWrite::Added) => {
                 if from.is_some() {
-                    self.ctx.metrics.bytes_from_peers.inc_by(data.len() as u64);
+                    let len = piece.as_ref().map_or(0, PieceWriter::len);
+                    self.ctx.metrics.bytes_from_peers.inc_by(len as u64);
                 }
                 if let Some(s) = self.sched.as_mut() {
                     s.got(index);
@@ -81,9 +85,10 @@ impl Torrent {
                         }
                     }
                 }
-                if from.is_none() && self.ctx.tracker.is_some() {
+                let hash = piece.as_ref().and_then(PieceWriter::hash);
+                if let (None, Some(_), Some(hash)) = (from, &self.ctx.tracker, hash) {
                     // From upstream: peers hear of it once its hash is published.
-                    self.unpublished.push((index, PieceHash::of(&data)));
+                    self.unpublished.push((index, hash));
                     self.publish_hashes();
                 } else {
                     self.announce_have(&[index]);
@@ -100,14 +105,17 @@ impl Torrent {
                 self.ctx.metrics.pieces_wasted.inc();
             }
             Ok(PieceWrite::HashUnknown) => {
-                if self.pending.len() < MAX_PENDING {
-                    self.pending.insert(index, (data, from));
-                    if let Some(s) = self.sched.as_mut() {
-                        s.set_pending(index, true);
+                match piece {
+                    Some(piece) if self.pending.len() < MAX_PENDING => {
+                        self.pending.insert(index, (piece, from));
+                        if let Some(s) = self.sched.as_mut() {
+                            s.set_pending(index, true);
+                        }
                     }
-                } else {
                     // No room to hold it: do not ask for it again until its hash is known.
-                    self.awaiting_hash.insert(index);
+                    _ => {
+                        self.awaiting_hash.insert(index);
+                    }
                 }
                 self.refresh_metainfo();
             }
@@ -196,11 +204,11 @@ impl Torrent {
             })
             .collect();
         for index in ready {
-            if let Some((data, from)) = self.pending.remove(&index) {
+            if let Some((piece, from)) = self.pending.remove(&index) {
                 if let Some(s) = self.sched.as_mut() {
                     s.set_pending(index, false);
                 }
-                self.write(index, data, from);
+                self.write(piece, from);
             }
         }
         if self.pending.is_empty() && self.awaiting_hash.is_empty() {

@@ -2,9 +2,14 @@
 //! (or the tracker is down). Hashes are published by `pieces.rs` once the pieces are stored.
 
 use super::*;
+use crate::swarm::sink::PieceSink;
 
 /// Upstream fetches a waiting reader may add beyond `upstream_concurrency`.
 const URGENT_UPSTREAM_SLOTS: usize = 4;
+
+/// How long an upstream fetch that found its piece being written by someone else waits before
+/// saying so.
+const CLAIM_BUSY_PAUSE: Duration = Duration::from_millis(200);
 
 /// How long lazy reads must have been quiet before the background fetch of their blob goes on.
 const BACKGROUND_QUIET: Duration = Duration::from_secs(2);
@@ -87,11 +92,12 @@ impl Torrent {
             s.requested(index);
             self.upstream_inflight += 1;
             let range = blob.layout().piece_range(index);
-            let (tx, ctx, digest, source) = (
+            let (tx, ctx, digest, source, blob) = (
                 self.events_tx.clone(),
                 self.ctx.clone(),
                 self.digest,
                 source.clone(),
+                blob.clone(),
             );
             self.ctx.tasks.spawn(async move {
                 let len = (range.end - range.start) as usize;
@@ -102,13 +108,33 @@ impl Torrent {
                 } else {
                     ctx.ingress.acquire(len).await;
                 }
-                let result = ctx
-                    .upstream
-                    .fetch_range(&source, &digest, range)
-                    .await
-                    .map_err(|e| e.to_string());
+                let result = fetch_piece(&ctx, &source, &digest, &blob, index).await;
                 let _ = tx.send(Event::Upstream { index, result }).await;
             });
         }
     }
+}
+
+/// Streams piece `index` from the registry into the store, for the torrent to commit; `None`
+/// if the store has it or is writing it already.
+async fn fetch_piece(
+    ctx: &SwarmCtx,
+    source: &BlobSource,
+    digest: &Digest,
+    blob: &Blob,
+    index: u32,
+) -> Result<Option<PieceWriter>, String> {
+    let Some(piece) = blob.piece_writer(index).map_err(|e| e.to_string())? else {
+        // A peer's copy is arriving or being committed: pause, so that the scheduler, which
+        // learns of it only when it lands, does not pick the piece again at once.
+        tokio::time::sleep(CLAIM_BUSY_PAUSE).await;
+        return Ok(None);
+    };
+    let range = blob.layout().piece_range(index);
+    let mut sink = PieceSink::new(piece);
+    ctx.upstream
+        .fetch_range_into(source, digest, range, &mut sink)
+        .await
+        .map_err(|e| e.to_string())?;
+    sink.finish().await.map(Some).map_err(|e| e.to_string())
 }

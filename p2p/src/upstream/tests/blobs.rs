@@ -1,5 +1,5 @@
-//! Blob size and range reads: ranges, 404, retries of 503, a server that ignores `Range`, and
-//! names refused before any request.
+//! Blob size and range reads: ranges, 404, retries of 503 and of a body broken off, a server
+//! that ignores `Range`, and names refused before any request.
 
 use super::*;
 
@@ -104,6 +104,62 @@ async fn retries_503_until_the_registry_recovers() -> anyhow::Result<()> {
         "{err:?}"
     );
     assert_eq!(hits(&requests), 5);
+    Ok(())
+}
+
+/// Records what [`Upstream::fetch_range_into`] hands it.
+#[derive(Default)]
+struct Recorder {
+    bytes: Vec<u8>,
+    restarts: usize,
+}
+
+impl RangeSink for Recorder {
+    fn restart(&mut self) {
+        self.bytes.clear();
+        self.restarts += 1;
+    }
+
+    fn write(&mut self, chunk: Bytes) -> impl Future<Output = std::io::Result<()>> + Send {
+        self.bytes.extend_from_slice(&chunk);
+        std::future::ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn a_range_broken_mid_body_is_streamed_again_from_its_start() -> anyhow::Result<()> {
+    let (data, digest) = test_blob();
+    let blob = data.clone();
+    let requests = counter();
+    let seen = requests.clone();
+    let server = TestServer::start(|_| {
+        Router::new().route(
+            BLOB_ROUTE,
+            get(move |headers: HeaderMap| async move {
+                if seen.fetch_add(1, Ordering::SeqCst) > 0 {
+                    return serve_blob(&blob, &headers);
+                }
+                // The first answer breaks off after some of the body.
+                let body = futures::stream::iter([
+                    Ok(Bytes::from_static(&[7u8; 1000])),
+                    Err(std::io::Error::other("connection reset")),
+                ]);
+                Response::builder()
+                    .status(StatusCode::PARTIAL_CONTENT)
+                    .header(header::CONTENT_LENGTH, 50_000)
+                    .body(Body::from_stream(body))
+                    .unwrap_or_default()
+            }),
+        )
+    })
+    .await?;
+    let upstream = server.client("{}", 2)?;
+    let mut sink = Recorder::default();
+    upstream
+        .fetch_range_into(&server.source(), &digest, 10..50_010, &mut sink)
+        .await?;
+    assert_eq!(sink.bytes, data.slice(10..50_010));
+    assert_eq!((sink.restarts, hits(&requests)), (2, 2));
     Ok(())
 }
 
