@@ -227,10 +227,12 @@ impl PieceWriter {
         }
         let complete = st.have.is_full();
         drop(st);
+        // Readers waiting for this piece may take it now, verified like every other piece:
+        // with the last piece, the whole-blob check below reads the blob once more (a few
+        // hundred ms per 256 MiB), and they need not wait for it.
+        entry.changed.send_modify(|g| *g += 1);
         if complete {
             self.blob.finish()?;
-        } else {
-            entry.changed.send_modify(|g| *g += 1);
         }
         Ok(PieceWrite::Added)
     }

@@ -11,11 +11,11 @@
 //! (`TCP_NOTSENT_LOWAT`), so the queue is the real backlog. A request is answered with `Reject`
 //! (ask elsewhere) when we lack the piece, when we are its only holder and already sending it to
 //! someone (super-seeding: the first copy of a new piece goes to one peer, who passes it on,
-//! instead of our uplink carrying it to everyone), or when our queue is busy and another peer
-//! has it.
+//! instead of our uplink carrying it to everyone), or when our queue (this connection's, or
+//! the torrent's over all connections) is busy and another peer has it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -88,15 +88,23 @@ pub(super) struct PieceCounts {
     /// Set while this peer fetches the blob upstream: its uplink is the only way new pieces
     /// enter the swarm, so it serves only pieces nobody else has.
     pub backsourcing: AtomicBool,
+    /// Uploads queued or on the wire over all of the torrent's connections.
+    uploads: AtomicUsize,
+    /// From this many uploads on, requests for pieces other peers have are turned away (0: no
+    /// torrent-wide bound, before the blob's layout is known).
+    busy_uploads: usize,
 }
 
 impl PieceCounts {
-    pub fn new(pieces: u32) -> Self {
+    /// Counts for `pieces` pieces; `busy_uploads`: see [`PieceCounts::busy_uploads`].
+    pub fn new(pieces: u32, busy_uploads: usize) -> Self {
         let zeros = || (0..pieces).map(|_| AtomicU16::new(0)).collect();
         Self {
             avail: zeros(),
             uploading: zeros(),
             backsourcing: AtomicBool::new(false),
+            uploads: AtomicUsize::new(0),
+            busy_uploads,
         }
     }
 
@@ -136,6 +144,7 @@ impl Uploads {
     fn push(&self, index: u32) {
         self.queue().push_back(index);
         PieceCounts::add(&self.counts.uploading, index, 1);
+        self.counts.uploads.fetch_add(1, Ordering::Relaxed);
         self.ready.notify_one();
     }
 
@@ -146,6 +155,10 @@ impl Uploads {
     /// A popped piece has been sent (or given up on).
     fn done(&self, index: u32) {
         PieceCounts::add(&self.counts.uploading, index, -1);
+        let _ = self
+            .counts
+            .uploads
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     fn cancel(&self, index: u32) {
@@ -160,10 +173,18 @@ impl Uploads {
     /// Whether to turn a request for `index` away (see the module docs).
     fn should_reject(&self, index: u32, have: bool) -> bool {
         let queued = self.queue().len();
-        let elsewhere = PieceCounts::get(&self.counts.avail, index) > 0;
+        // Two other holders, not one: the one may be turning requests away too (both
+        // back-sourcers fetched the piece, or both are busy), and two peers that each count on
+        // the other would leave the piece stuck.
+        let elsewhere = PieceCounts::get(&self.counts.avail, index) >= 2;
         let sending = PieceCounts::get(&self.counts.uploading, index) > 0;
         let source = self.counts.backsourcing.load(Ordering::Relaxed);
-        !have || (!elsewhere && sending) || (elsewhere && (source || queued >= BUSY_QUEUE))
+        // A long queue is a long wait for every request in it: at the end of a swarm every
+        // peer asks the few complete ones, whose queues would hold seconds of pieces.
+        let busy = queued >= BUSY_QUEUE
+            || (self.counts.busy_uploads > 0
+                && self.counts.uploads.load(Ordering::Relaxed) >= self.counts.busy_uploads);
+        !have || (!elsewhere && sending) || (elsewhere && (source || busy))
     }
 }
 

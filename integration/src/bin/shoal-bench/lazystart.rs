@@ -227,8 +227,10 @@ fn bench(args: &Args, prefix: &str) -> Result<Report> {
     node.child.stop()?;
     node = start_node(&dir, &registry, &client, Reads::Chunks)?;
     let chunk_dir = fuse_mount(&node)?;
+    let before = Served::of(&node)?;
     let chunk_read = read::read_all(&chunk_dir, &workload.files)?;
     let chunk_random = read::random_reads(&chunk_dir, &big, args.random_reads)?;
+    let chunk_served = Served::of(&node)?.since(before);
     check_interrupted()?;
 
     progress(args, "reads: FUSE from the local copies, passthrough off");
@@ -236,7 +238,9 @@ fn bench(args: &Args, prefix: &str) -> Result<Report> {
     node = start_node(&dir, &registry, &client, Reads::Copies)?;
     let fuse_dir = fuse_mount(&node)?;
     wait_for_copies(&node, &workload)?;
+    let before = Served::of(&node)?;
     let (fuse_read, fuse_random) = read::measure(&fuse_dir, &workload, args)?;
+    let fuse_served = Served::of(&node)?.since(before);
     check_interrupted()?;
 
     progress(args, "reads: FUSE, passthrough on");
@@ -244,7 +248,9 @@ fn bench(args: &Args, prefix: &str) -> Result<Report> {
     node = start_node(&dir, &registry, &client, Reads::Passthrough)?;
     let pt_dir = fuse_mount(&node)?;
     wait_for_copies(&node, &workload)?;
+    let before = Served::of(&node)?;
     let (pt_read, pt_random) = read::measure(&pt_dir, &workload, args)?;
+    let pt_served = Served::of(&node)?.since(before);
 
     // containerds before the node: their mounts sit on its FUSE layers.
     drop(lazy_ctrd);
@@ -276,6 +282,7 @@ fn bench(args: &Args, prefix: &str) -> Result<Report> {
         chunk_random,
         fuse_random,
         passthrough_random: pt_random,
+        served: [chunk_served, fuse_served, pt_served],
         kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
@@ -370,6 +377,35 @@ fn start_node(dir: &Path, registry: &HostRegistry, client: &Host, reads: Reads) 
         ..NodeOptions::default()
     };
     Node::start(dir, "node", &opts)
+}
+
+/// What the node's FUSE layers did, from its `/metrics`: shows which path the reads took.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Served {
+    /// `read` requests that reached the node.
+    pub reads: f64,
+    /// Chunks inflated and verified.
+    pub chunk_fetches: f64,
+    /// Opens handed to the kernel with a backing file.
+    pub passthrough_opens: f64,
+}
+
+impl Served {
+    fn of(node: &Node) -> Result<Self> {
+        Ok(Served {
+            reads: node.metric("shoal_fuse_reads_total")?,
+            chunk_fetches: node.metric("shoal_fuse_chunk_fetches_total")?,
+            passthrough_opens: node.metric("shoal_fuse_passthrough_opens_total")?,
+        })
+    }
+
+    fn since(self, before: Served) -> Served {
+        Served {
+            reads: self.reads - before.reads,
+            chunk_fetches: self.chunk_fetches - before.chunk_fetches,
+            passthrough_opens: self.passthrough_opens - before.passthrough_opens,
+        }
+    }
 }
 
 /// Waits until the node has a checked local copy of every file of the layer (its count covers

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 mod peers;
 mod pieces;
@@ -275,7 +275,7 @@ impl Torrent {
 
     fn set_blob(&mut self, blob: Blob) {
         let have = blob.have();
-        self.counts = Arc::new(PieceCounts::new(have.len()));
+        self.counts = Arc::new(PieceCounts::new(have.len(), self.ctx.cfg.max_uploads));
         self.sched = Some(Scheduler::new(have));
         self.size = Some(blob.size());
         self.blob = (!blob.is_complete()).then_some(blob);
@@ -345,6 +345,7 @@ impl Torrent {
                 .map(|(i, _)| *i)
                 .collect();
             for i in expired {
+                debug!(index = i, peer = %peer.addr, "request timed out; asking elsewhere");
                 peer.inflight.remove(&i);
                 let _ = peer.tx.try_send(Message::Cancel(i));
                 if let Some(s) = self.sched.as_mut() {
@@ -413,6 +414,7 @@ impl Torrent {
                 if let Some(p) = self.peers.get_mut(&conn)
                     && p.inflight.remove(&index).is_some()
                 {
+                    trace!(index, peer = %p.addr, "request rejected");
                     p.rejected.insert(index, Instant::now());
                     if let Some(s) = self.sched.as_mut() {
                         s.request_done(index);

@@ -236,6 +236,7 @@ impl Torrent {
                 if peer.tx.try_send(Message::Request(i)).is_err() {
                     break;
                 }
+                trace!(index = i, peer = %peer.addr, "requested");
                 s.requested(i);
                 peer.inflight.insert(i, Instant::now());
                 total += 1;

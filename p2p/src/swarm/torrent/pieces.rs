@@ -70,6 +70,12 @@ impl Torrent {
         }
         match result {
             Ok(PieceWrite::Added) => {
+                let peer = from.and_then(|(conn, _)| self.peers.get(&conn));
+                trace!(
+                    index,
+                    from = peer.map_or("upstream", |p| p.addr.as_str()),
+                    "piece added"
+                );
                 if from.is_some() {
                     let len = piece.as_ref().map_or(0, PieceWriter::len);
                     self.ctx.metrics.bytes_from_peers.inc_by(len as u64);
@@ -105,6 +111,7 @@ impl Torrent {
                 self.ctx.metrics.pieces_wasted.inc();
             }
             Ok(PieceWrite::HashUnknown) => {
+                trace!(index, "piece held until its hash is published");
                 match piece {
                     Some(piece) if self.pending.len() < MAX_PENDING => {
                         self.pending.insert(index, (piece, from));
@@ -239,6 +246,7 @@ impl Torrent {
         self.publishing = true;
         let pieces = std::mem::take(&mut self.unpublished);
         let indices: Vec<u32> = pieces.iter().map(|(i, _)| *i).collect();
+        trace!(pieces = ?indices, "publishing piece hashes");
         let req = PublishRequest {
             peer_id: self.ctx.peer_id,
             size,

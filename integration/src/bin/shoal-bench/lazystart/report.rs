@@ -10,6 +10,7 @@
 
 use serde_json::{Value, json};
 
+use super::Served;
 use super::read::Timed;
 
 /// Lazy start at least this many times faster than overlayfs.
@@ -51,6 +52,8 @@ pub struct Report {
     pub chunk_random: Timed,
     pub fuse_random: Timed,
     pub passthrough_random: Timed,
+    /// What the node did during the chunk, copy and passthrough measurements.
+    pub served: [Served; 3],
     pub kernel: String,
     pub cpus: usize,
     pub load: String,
@@ -71,6 +74,18 @@ impl Report {
 
     fn random_ratio(&self, fuse: &Timed) -> f64 {
         fuse.secs / self.overlay_random.secs
+    }
+
+    fn served_json(&self) -> Value {
+        let served = ["chunks", "fuse", "passthrough"].iter().zip(&self.served);
+        Value::Object(
+            served
+                .map(|(name, s)| {
+                    let counts = json!({ "fuse_reads": s.reads, "chunk_fetches": s.chunk_fetches, "passthrough_opens": s.passthrough_opens });
+                    (name.to_string(), counts)
+                })
+                .collect(),
+        )
     }
 
     pub fn to_json(&self) -> Value {
@@ -120,6 +135,7 @@ impl Report {
                 "big_files": self.big_files,
             },
             "read_repeat": self.repeat,
+            "served": self.served_json(),
             "rate_mbit": self.rate_mbit,
             "machine": { "cpus": self.cpus, "load": self.load, "kernel": self.kernel },
         })
@@ -190,6 +206,16 @@ impl Report {
                 t.secs,
                 t.op_us(),
                 self.random_ratio(t)
+            );
+        }
+        println!("\nwhat the node served over each FUSE measurement (all passes)");
+        for (name, s) in ["chunks", "local copies", "passthrough"]
+            .iter()
+            .zip(&self.served)
+        {
+            println!(
+                "  {name:<26} {:>8.0} FUSE reads {:>8.0} chunks inflated {:>6.0} passthrough opens",
+                s.reads, s.chunk_fetches, s.passthrough_opens
             );
         }
         let met = |ok: bool| if ok { "met" } else { "MISSED" };
