@@ -4,7 +4,8 @@
 //! Metadata comes from the layer's [`Index`], which is in memory, so lookups, `stat`, `readdir`
 //! and xattrs never wait. File bytes come chunk by chunk through the layer (fetched from its
 //! [`ChunkSource`], inflated, checked against the TOC's `chunkDigest`) and are kept in a bounded
-//! [`ChunkCache`]. A chunk that cannot be fetched or does not verify fails the read with `EIO`:
+//! [`ChunkCache`]; once a file's chunks are all local, from its verified uncompressed copy on
+//! disk (`copies.rs`), or, with passthrough, by the kernel from that copy. A chunk that cannot be fetched or does not verify fails the read with `EIO`:
 //! never wrong bytes, never a hang (sources bound their own time).
 //!
 //! | file | what |
