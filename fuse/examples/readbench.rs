@@ -9,7 +9,8 @@
 //! ```sh
 //! cargo run --release -p shoal-fuse --example readbench -- 512 [--chunks] [--passthrough] [--threads N]
 //! ```
-//! Needs root (mount, `drop_caches`).
+//! Needs root (mount, `drop_caches`). `READ_AHEAD_KB=N` tries another FUSE read-ahead window;
+//! `FUSE_ONLY=1` skips the plain passes (for profiling the FUSE ones).
 
 use std::fs::{self, File};
 use std::io::Read;
@@ -66,6 +67,16 @@ fn main() -> Result<()> {
         ..FsOptions::default()
     };
     let mnt = shoal_fuse::fs::mount(Arc::new(layer), &at, opts)?;
+    if let Ok(kb) = std::env::var("READ_AHEAD_KB") {
+        // Try another read-ahead window than the mount's.
+        use std::os::unix::fs::MetadataExt;
+        let dev = fs::metadata(&at)?.dev();
+        let (major, minor) = (
+            ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
+            (dev & 0xff) | ((dev >> 12) & !0xff),
+        );
+        fs::write(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"), kb)?;
+    }
     if let Some(materializer) = mnt.materializer() {
         let queued = materializer.run() as u64;
         let started = Instant::now();
@@ -79,8 +90,13 @@ fn main() -> Result<()> {
         );
     }
     let (mut plain, mut fuse) = (Vec::new(), Vec::new());
+    let fuse_only = std::env::var_os("FUSE_ONLY").is_some();
     for _ in 0..passes {
-        plain.push(read_all(&tree, &files)?);
+        plain.push(if fuse_only {
+            f64::NAN
+        } else {
+            read_all(&tree, &files)?
+        });
         fuse.push(read_all(&at, &files)?);
     }
     plain.sort_by(f64::total_cmp);

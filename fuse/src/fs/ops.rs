@@ -106,7 +106,8 @@ impl Filesystem for LayerFs {
         }
     }
 
-    /// Nothing is ever written, so there is nothing to flush on close.
+    /// Nothing is ever written, so there is nothing to flush on close. `ENOSYS` (not `Ok`)
+    /// tells the kernel so for good: it stops sending `FLUSH`, one round trip less per `close`.
     fn flush(
         &self,
         _req: &Request,
@@ -115,7 +116,7 @@ impl Filesystem for LayerFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
