@@ -50,6 +50,9 @@ pub(super) struct Copy {
     /// Through the chunk cache (a reader is reading the file now) or around it (every file of
     /// a complete layer, which would only flush the cache).
     pub(super) share_cache: bool,
+    /// Write the copy if none checks out: the file's chunks are local. Otherwise only a copy
+    /// found on disk is checked (a copy is never a reason to fetch a whole file).
+    pub(super) write: bool,
 }
 
 type Slots = Mutex<HashMap<Ino, Arc<Mutex<Slot>>>>;
@@ -102,7 +105,12 @@ impl Copies {
         thread::Builder::new()
             .name("shoal-copies".into())
             .spawn(move || {
-                for Copy { ino, share_cache } in files {
+                for Copy {
+                    ino,
+                    share_cache,
+                    write,
+                } in files
+                {
                     let Some(node) = data.index().node(ino) else {
                         continue;
                     };
@@ -111,14 +119,15 @@ impl Copies {
                         continue;
                     }
                     let cache = share_cache.then_some(&*cache);
-                    let copy = make_copy(&dir, &*data, cache, ino, node);
+                    let copy = make_copy(&dir, &*data, cache, ino, node, write);
                     let mut slot = lock(&slot);
                     slot.copying = false;
                     match copy {
-                        Ok(file) => {
+                        Ok(Some(file)) => {
                             slot.copy = Some(Arc::new(file));
                             Counters::add(&counters.local_copies, 1);
                         }
+                        Ok(None) => {}
                         Err(err) => {
                             warn!(ino, %err, "no local copy; reading through the chunks");
                             slot.failed = true;
@@ -166,11 +175,12 @@ impl Copies {
             return None;
         }
         if (wait_if_small && node.size <= COPY_BEFORE_OPEN) || self.copier.is_none() {
-            match make_copy(&self.dir, data, Some(cache), ino, node) {
-                Ok(file) => {
+            match make_copy(&self.dir, data, Some(cache), ino, node, local) {
+                Ok(Some(file)) => {
                     slot.copy = Some(Arc::new(file));
                     Counters::add(&self.counters.local_copies, 1);
                 }
+                Ok(None) => {}
                 Err(err) => {
                     warn!(ino, %err, "no local copy; reading through the chunks");
                     slot.failed = true;
@@ -182,6 +192,7 @@ impl Copies {
             let queued = copier.try_send(Copy {
                 ino,
                 share_cache: true,
+                write: local,
             });
             slot.copying = queued.is_ok();
         }
@@ -219,28 +230,36 @@ fn slot(slots: &Slots, ino: Ino) -> Arc<Mutex<Slot>> {
 }
 
 /// The verified copy of file `ino` in `dir`: one found there if every chunk checks out,
-/// otherwise written now.
+/// otherwise, with `write`, written now; `None` if neither.
 fn make_copy(
     dir: &Path,
     data: &dyn LayerData,
     cache: Option<&ChunkCache>,
     ino: Ino,
     node: &Node,
-) -> io::Result<File> {
+    write: bool,
+) -> io::Result<Option<File>> {
     let path = dir.join(ino.to_string());
     match File::open(&path) {
         Ok(file) => match check_copy(&file, node) {
             Ok(()) => {
                 debug!(ino, copy = %path.display(), "local copy found and checked");
-                return Ok(file);
+                return Ok(Some(file));
             }
-            Err(err) => debug!(ino, %err, "rewriting a local copy that does not check out"),
+            Err(err) => {
+                debug!(ino, %err, "a local copy does not check out; removing it");
+                drop(file);
+                fs::remove_file(&path)?;
+            }
         },
         Err(err) if err.kind() == io::ErrorKind::NotFound => {}
         Err(err) => return Err(err),
     }
+    if !write {
+        return Ok(None);
+    }
     write_copy(dir, data, cache, ino, node)?;
-    File::open(&path)
+    File::open(&path).map(Some)
 }
 
 /// Reads `file` back and checks it against every chunk digest of `node`.

@@ -272,6 +272,7 @@ impl Materializer {
             let copy = copies::Copy {
                 ino: i as Ino + 1,
                 share_cache: false,
+                write: true,
             };
             if self.queue.send(copy).is_err() {
                 break; // unmounted meanwhile

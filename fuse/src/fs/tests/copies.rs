@@ -92,10 +92,8 @@ fn copies_outlive_the_mount_and_are_checked_before_reuse() -> anyhow::Result<()>
         copies.path().join(small_ino.to_string()),
     );
     fs::write(&small_copy, b"smell\n")?;
-    let (large_inode, small_inode) = (
-        fs::metadata(&large_copy)?.ino(),
-        fs::metadata(&small_copy)?.ino(),
-    );
+    // A rewritten copy is a new file (renamed into place): the good one keeps its inode.
+    let large_inode = fs::metadata(&large_copy)?.ino();
 
     let (tree, ..) = two_files();
     let (layer, source) = tree.layer(|blob| MemSource {
@@ -113,9 +111,9 @@ fn copies_outlive_the_mount_and_are_checked_before_reuse() -> anyhow::Result<()>
         large_inode,
         "the good copy is kept"
     );
-    assert_ne!(
-        fs::metadata(&small_copy)?.ino(),
-        small_inode,
+    assert_eq!(
+        fs::read(&small_copy)?,
+        b"small\n",
         "the bad copy is replaced"
     );
     source.fail.store(true, Ordering::SeqCst);
@@ -151,5 +149,43 @@ fn an_open_of_a_local_file_makes_its_copy_for_later_reads() -> anyhow::Result<()
     wait_for_copies(&mnt, 1)?;
     let copy = copies.path().join(large_ino.to_string());
     assert_eq!(fs::read(copy)?, large);
+    Ok(())
+}
+
+#[test]
+fn a_bad_copy_of_a_remote_file_is_dropped_not_fetched_whole() -> anyhow::Result<()> {
+    if !can_mount() {
+        return Ok(());
+    }
+    let (dir, copies) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (tree, large, large_ino, _) = two_files();
+    // Left by an earlier mount, then damaged; the blob is no longer local.
+    let copy = copies.path().join(large_ino.to_string());
+    fs::write(&copy, &large[..large.len() / 2])?;
+    let (layer, _) = tree.layer(|blob| MemSource {
+        blob,
+        remote: true,
+        ..MemSource::default()
+    });
+    let opts = FsOptions {
+        copies_dir: Some(copies.path().to_path_buf()),
+        passthrough: false,
+        ..FsOptions::default()
+    };
+    let mnt = mount_fake(layer, dir.path(), opts)?;
+    let mut file = fs::File::open(mnt.mountpoint().join("large"))?;
+    let mut head = vec![0; 4096];
+    std::io::Read::read_exact(&mut file, &mut head)?;
+    assert_eq!(head, large[..4096]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while copy.exists() {
+        anyhow::ensure!(Instant::now() < deadline, "the bad copy was kept");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stats = mnt.stats();
+    assert_eq!(stats.local_copies, 0, "{stats:?}");
+    // Only what was read was fetched: 4 KiB needs one 256 KiB chunk (the kernel may read
+    // ahead a few more), not the file's twelve.
+    assert!(stats.chunk_fetches < 12, "{stats:?}");
     Ok(())
 }
