@@ -22,7 +22,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -75,6 +75,15 @@ pub(super) struct Copies {
     /// The copy thread's queue, once started.
     copier: Option<SyncSender<Copy>>,
     counters: Arc<Counters>,
+    /// Set when the filesystem goes: the copy thread and the materializer stop, so a layer
+    /// that is gone holds no blob and writes no more copies.
+    closed: Arc<AtomicBool>,
+}
+
+impl Drop for Copies {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Copies {
@@ -90,6 +99,7 @@ impl Copies {
             files: Arc::new(Mutex::new(HashMap::new())),
             copier: None,
             counters,
+            closed: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -102,6 +112,7 @@ impl Copies {
         let (queue, files) = sync_channel::<Copy>(COPY_QUEUE);
         let (dir, slots) = (self.dir.clone(), Arc::clone(&self.files));
         let counters = Arc::clone(&self.counters);
+        let closed = Arc::clone(&self.closed);
         thread::Builder::new()
             .name("shoal-copies".into())
             .spawn(move || {
@@ -111,6 +122,9 @@ impl Copies {
                     write,
                 } in files
                 {
+                    if closed.load(Ordering::Relaxed) {
+                        break;
+                    }
                     let Some(node) = data.index().node(ino) else {
                         continue;
                     };
@@ -139,9 +153,10 @@ impl Copies {
         Ok(())
     }
 
-    /// Something that queues a copy of every file, for [`super::LayerMount::materializer`].
-    pub(super) fn materializer(&self) -> Option<SyncSender<Copy>> {
-        self.copier.clone()
+    /// Something that queues a copy of every file, for [`super::LayerMount::materializer`],
+    /// and the flag that says the filesystem is gone.
+    pub(super) fn materializer(&self) -> Option<(SyncSender<Copy>, Arc<AtomicBool>)> {
+        Some((self.copier.clone()?, Arc::clone(&self.closed)))
     }
 
     /// The verified copy of `ino`, if made. Cheap: called on every read.
@@ -210,16 +225,31 @@ impl Copies {
     }
 }
 
-/// Removes temporary files that a process which is gone (a crashed node) left half-written.
-/// Other live mounts of the layer, in this process, may be writing theirs.
+/// This process's mark in the names of the temporary files it writes: not the pid alone,
+/// which a node running as pid 1 in a container has after every restart.
+fn writer_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{:x}{nanos:x}", std::process::id())
+    })
+}
+
+/// Removes temporary files (`.<ino>.<tag>.<n>.partial`) that a process which is gone (a
+/// crashed node) left half-written. Other live mounts of the layer, in this process, may be
+/// writing theirs.
 fn remove_dead_partials(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
-    let ours = format!(".{}.", std::process::id());
     for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.ends_with(".partial") && !name.contains(&ours) {
+        let parts: Vec<&str> = name.split('.').collect();
+        if let ["", _ino, tag, _n, "partial"] = parts.as_slice()
+            && *tag != writer_tag()
+        {
             let _ = fs::remove_file(entry.path());
         }
     }
@@ -249,7 +279,11 @@ fn make_copy(
             Err(err) => {
                 debug!(ino, %err, "a local copy does not check out; removing it");
                 drop(file);
-                fs::remove_file(&path)?;
+                match fs::remove_file(&path) {
+                    // Another mount of the layer got there first.
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
             }
         },
         Err(err) if err.kind() == io::ErrorKind::NotFound => {}
@@ -307,7 +341,7 @@ fn write_copy(
     let path = dir.join(ino.to_string());
     let partial = dir.join(format!(
         ".{ino}.{}.{}.partial",
-        std::process::id(),
+        writer_tag(),
         WRITER.fetch_add(1, Ordering::Relaxed)
     ));
     let written = fs::OpenOptions::new()

@@ -201,8 +201,9 @@ pub(crate) fn mount_data(
         .copies
         .as_ref()
         .and_then(Copies::materializer)
-        .map(|queue| Materializer {
+        .map(|(queue, closed)| Materializer {
             queue,
+            closed,
             data: Arc::clone(&fs.data),
         });
     let session = session::Mounted::new(fs, mountpoint, opts.threads)?;
@@ -249,6 +250,8 @@ pub struct LayerMount {
 #[derive(Clone)]
 pub struct Materializer {
     queue: std::sync::mpsc::SyncSender<copies::Copy>,
+    /// Set once the filesystem is gone: stop queueing.
+    closed: Arc<std::sync::atomic::AtomicBool>,
     data: Arc<dyn LayerData>,
 }
 
@@ -274,8 +277,9 @@ impl Materializer {
                 share_cache: false,
                 write: true,
             };
-            if self.queue.send(copy).is_err() {
-                break; // unmounted meanwhile
+            // Unmounted meanwhile: the copy thread has stopped, or is about to.
+            if self.closed.load(Ordering::Relaxed) || self.queue.send(copy).is_err() {
+                break;
             }
             queued += 1;
         }

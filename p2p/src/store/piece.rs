@@ -227,12 +227,14 @@ impl PieceWriter {
         }
         let complete = st.have.is_full();
         drop(st);
-        // Readers waiting for this piece may take it now, verified like every other piece:
-        // with the last piece, the whole-blob check below reads the blob once more (a few
-        // hundred ms per 256 MiB), and they need not wait for it.
-        entry.changed.send_modify(|g| *g += 1);
+        // Readers wait for the last piece until the whole blob has matched its digest: piece
+        // hashes of bytes fetched upstream were computed from those bytes, so only the digest
+        // vouches for them, and a stream of the blob (the mirror's) must never complete with
+        // bytes that fail it.
         if complete {
             self.blob.finish()?;
+        } else {
+            entry.changed.send_modify(|g| *g += 1);
         }
         Ok(PieceWrite::Added)
     }

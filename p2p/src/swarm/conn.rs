@@ -46,10 +46,17 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// enough that our own queue, not the socket buffer, says how busy we are.
 const NOTSENT_LOWAT: u32 = 256 << 10;
 
+/// How long sent data may go unacknowledged before the kernel drops the connection: a peer
+/// that vanished without closing must not hold an upload (and its queue, which counts against
+/// the torrent's) until TCP's own retries give up, 15 minutes later.
+const USER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Sets the socket options every peer connection uses.
 pub(super) fn tune(stream: &TcpStream) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOTSENT_LOWAT)
+    let sock = socket2::SockRef::from(stream);
+    sock.set_tcp_user_timeout(Some(USER_TIMEOUT))?;
+    sock.set_tcp_notsent_lowat(NOTSENT_LOWAT)
 }
 
 /// Opens a connection to `addr` and exchanges hellos.

@@ -59,6 +59,8 @@ pub struct Lazy {
     /// Per-layer directories of verified, uncompressed copies of files (see
     /// [`Lazy::copies_dir`]).
     copies_root: PathBuf,
+    /// Mounts using (or being made with) each copies directory: one in use is never removed.
+    copies_users: Mutex<HashMap<PathBuf, usize>>,
     /// Where copies were kept per snapshot before they were kept per layer; removed.
     legacy_passthrough: PathBuf,
     runtime: Handle,
@@ -72,8 +74,9 @@ pub struct Lazy {
 struct Mounted {
     mount: LayerMount,
     layer: Digest,
-    /// Its copies directory, shared with other mounts of the same layer.
-    copies: PathBuf,
+    /// Its copies directory, shared with other mounts of the same layer (none when copies are
+    /// off).
+    copies: Option<PathBuf>,
     /// Ends the wait for the whole blob (before the passthrough copies) when unmounted, so an
     /// unmounted layer holds no blob in the store.
     _unmounted: tokio_util::sync::DropGuard,
@@ -119,6 +122,7 @@ impl Lazy {
             swarm,
             cfg,
             copies_root: root.join("copies"),
+            copies_users: Mutex::new(HashMap::new()),
             legacy_passthrough: root.join("passthrough"),
             runtime: Handle::current(),
             mounts: Mutex::new(HashMap::new()),
@@ -181,16 +185,27 @@ impl Lazy {
         self.copies_root.join(hex::encode(&hash[..16]))
     }
 
-    /// Removes `dir` unless another mounted snapshot uses it.
-    fn remove_copies(&self, dir: &Path) {
-        if self.lock().values().any(|m| m.copies == dir) {
-            return;
+    fn copies_users(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, usize>> {
+        self.copies_users.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A mount is about to use `dir`: until [`Lazy::release_copies`], nothing removes it.
+    fn use_copies(&self, dir: &Path) {
+        *self.copies_users().entry(dir.to_owned()).or_default() += 1;
+    }
+
+    /// A mount no longer uses `dir`; the last one removes it.
+    fn release_copies(&self, dir: &Path) {
+        let mut users = self.copies_users();
+        if let Some(n) = users.get_mut(dir) {
+            *n = n.saturating_sub(1);
+            if *n > 0 {
+                return;
+            }
+            users.remove(dir);
         }
-        if let Err(e) = std::fs::remove_dir_all(dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            warn!(dir = %dir.display(), error = %e, "removing a layer's local copies");
-        }
+        // Under the lock: a mount of the same layer starting now waits, then makes it again.
+        remove_dir(dir);
     }
 
     async fn open_blob(
@@ -316,30 +331,41 @@ impl LazyLayers for Lazy {
         if self.lock().contains_key(name) {
             return Err(format!("snapshot {name:?} is mounted already").into());
         }
-        let copies = self.copies_dir(layer.layer.toc_digest());
-        let copies_dir = if self.cfg.passthrough || self.cfg.materialize {
+        let copies = if self.cfg.passthrough || self.cfg.materialize {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(&self.copies_root)?;
-            Some(copies.clone())
+            let copies = self.copies_dir(layer.layer.toc_digest());
+            self.use_copies(&copies);
+            Some(copies)
         } else {
             None
         };
         let opts = FsOptions {
             cache_bytes: self.cfg.cache_mib.saturating_mul(1 << 20),
             threads: self.cfg.threads,
-            copies_dir,
+            copies_dir: copies.clone(),
             passthrough: self.cfg.passthrough,
             ..FsOptions::default()
         };
         let fs_layer = Arc::clone(&layer.layer);
         let at = dir.to_owned();
-        let mount =
-            match tokio::task::spawn_blocking(move || lazyfs::mount(fs_layer, &at, opts)).await? {
-                Ok(mount) => mount,
-                Err(e) => return Err(e.into()),
-            };
+        let mounted = tokio::task::spawn_blocking(move || lazyfs::mount(fs_layer, &at, opts)).await;
+        let mounted: Result<LayerMount, LazyError> = match mounted {
+            Ok(Ok(mount)) => Ok(mount),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(e.into()),
+        };
+        let mount = match mounted {
+            Ok(mount) => mount,
+            Err(e) => {
+                if let Some(copies) = &copies {
+                    self.release_copies(copies);
+                }
+                return Err(e);
+            }
+        };
         if self.cfg.prefetch
             && let Some(range) = layer.layer.index().prefetch.clone()
         {
@@ -391,7 +417,7 @@ impl LazyLayers for Lazy {
 
     fn unmount(&self, name: &str, dir: &Path) {
         let mount = self.lock().remove(name);
-        let copies = mount.as_ref().map(|m| m.copies.clone());
+        let copies = mount.as_ref().and_then(|m| m.copies.clone());
         if let Some(mounted) = mount {
             self.retire(mounted);
         }
@@ -399,7 +425,7 @@ impl LazyLayers for Lazy {
             warn!(snapshot = name, dir = %dir.display(), error = %e, "unmounting a lazy layer");
         }
         if let Some(copies) = copies {
-            self.remove_copies(&copies);
+            self.release_copies(&copies);
         }
     }
 
@@ -417,14 +443,28 @@ impl LazyLayers for Lazy {
                 Vec::new()
             }
         };
-        for dir in dirs.iter().filter(|dir| !kept.contains(*dir)) {
+        let users = self.copies_users();
+        for dir in dirs
+            .iter()
+            .filter(|dir| !kept.contains(*dir) && !users.contains_key(*dir))
+        {
             info!(dir = %dir.display(), "removing the local copies of a layer no snapshot uses");
-            self.remove_copies(dir);
+            remove_dir(dir);
         }
+        drop(users);
         if let Err(e) = std::fs::remove_dir_all(&self.legacy_passthrough)
             && e.kind() != std::io::ErrorKind::NotFound
         {
             warn!(dir = %self.legacy_passthrough.display(), error = %e, "removing old passthrough copies");
         }
+    }
+}
+
+/// Removes a layer's copies directory (gone already is fine).
+fn remove_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(dir = %dir.display(), error = %e, "removing a layer's local copies");
     }
 }
