@@ -66,6 +66,25 @@ struct Slot {
     failed: bool,
     /// Queued for, or being handled by, the copy thread.
     copying: bool,
+    /// Looked on disk for a copy an earlier mount left (done once, not on every open).
+    looked: bool,
+}
+
+impl Slot {
+    /// Keeps what making the copy of `ino` came to.
+    fn record(&mut self, ino: Ino, made: io::Result<Option<File>>, counters: &Counters) {
+        match made {
+            Ok(Some(file)) => {
+                self.copy = Some(Arc::new(file));
+                Counters::add(&counters.local_copies, 1);
+            }
+            Ok(None) => {}
+            Err(err) => {
+                warn!(ino, %err, "no local copy; reading through the chunks");
+                self.failed = true;
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -136,17 +155,7 @@ impl Copies {
                     let copy = make_copy(&dir, &*data, cache, ino, node, write);
                     let mut slot = lock(&slot);
                     slot.copying = false;
-                    match copy {
-                        Ok(Some(file)) => {
-                            slot.copy = Some(Arc::new(file));
-                            Counters::add(&counters.local_copies, 1);
-                        }
-                        Ok(None) => {}
-                        Err(err) => {
-                            warn!(ino, %err, "no local copy; reading through the chunks");
-                            slot.failed = true;
-                        }
-                    }
+                    slot.record(ino, copy, &counters);
                 }
             })?;
         self.copier = Some(queue);
@@ -186,21 +195,16 @@ impl Copies {
             .chunks
             .iter()
             .all(|chunk| source.is_local(chunk.compressed.clone()));
-        if !local && !self.dir.join(ino.to_string()).exists() {
-            return None;
+        if !local {
+            // Only a copy an earlier mount left can serve a file that is not local yet.
+            if std::mem::replace(&mut slot.looked, true) || !self.dir.join(ino.to_string()).exists()
+            {
+                return None;
+            }
         }
         if (wait_if_small && node.size <= COPY_BEFORE_OPEN) || self.copier.is_none() {
-            match make_copy(&self.dir, data, Some(cache), ino, node, local) {
-                Ok(Some(file)) => {
-                    slot.copy = Some(Arc::new(file));
-                    Counters::add(&self.counters.local_copies, 1);
-                }
-                Ok(None) => {}
-                Err(err) => {
-                    warn!(ino, %err, "no local copy; reading through the chunks");
-                    slot.failed = true;
-                }
-            }
+            let made = make_copy(&self.dir, data, Some(cache), ino, node, local);
+            slot.record(ino, made, &self.counters);
             return slot.copy.clone();
         }
         if let Some(copier) = &self.copier {
