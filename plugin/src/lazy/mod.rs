@@ -351,12 +351,11 @@ impl LazyLayers for Lazy {
         };
         let fs_layer = Arc::clone(&layer.layer);
         let at = dir.to_owned();
-        let mounted = tokio::task::spawn_blocking(move || lazyfs::mount(fs_layer, &at, opts)).await;
-        let mounted: Result<LayerMount, LazyError> = match mounted {
-            Ok(Ok(mount)) => Ok(mount),
-            Ok(Err(e)) => Err(e.into()),
-            Err(e) => Err(e.into()),
-        };
+        let mounted =
+            match tokio::task::spawn_blocking(move || lazyfs::mount(fs_layer, &at, opts)).await {
+                Ok(mounted) => mounted.map_err(LazyError::from),
+                Err(e) => Err(e.into()),
+            };
         let mount = match mounted {
             Ok(mount) => mount,
             Err(e) => {
