@@ -1,5 +1,9 @@
-//! A private containerd (1.6) per test: its own config, root, state and sockets in a temp dir,
+//! A private containerd per test: its own config, root, state and sockets in a temp dir,
 //! optionally inside a network namespace, driven with `ctr`.
+//!
+//! The `containerd` and `ctr` found first in `PATH` are used: Debian 12's 1.6 in CI; put another
+//! build's `bin` directory first in `PATH` to run the same tests against 1.7 or 2.x (see
+//! `.ci/containerd-from-debian`).
 //!
 //! The config is generated rather than taken from `containerd config default`: TOML forbids
 //! defining a table twice, so appending a test's `[proxy_plugins.shoal]` or `[plugins."..."]`
@@ -18,6 +22,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -362,6 +367,7 @@ fn config_toml(dir: &Path, socket: &Path, extra: &str) -> Result<String> {
     ttrpc.push(".ttrpc");
 
     let mut config = Table::new();
+    // containerd 2.x reads `version = 2` configs too (it migrates them to version 3 in memory).
     config.insert("version".into(), Value::Integer(2));
     config.insert("root".into(), path(&dir.join("root")));
     config.insert("state".into(), path(&dir.join("state")));
@@ -388,9 +394,61 @@ fn config_toml(dir: &Path, socket: &Path, extra: &str) -> Result<String> {
         vec![Value::String(CRI_PLUGIN.into())]
     };
     config.insert("disabled_plugins".into(), Value::Array(disabled));
+    let has_shoal = extra
+        .get("proxy_plugins")
+        .and_then(Value::as_table)
+        .is_some_and(|p| p.contains_key("shoal"));
+    // The transfer service refuses to start when its unpack config names a snapshotter that
+    // does not exist, so only configs with Shoal get it.
+    if has_shoal && major_version()? >= 2 {
+        merge(&mut config, transfer_unpack_config()?);
+    }
 
     merge(&mut config, extra);
     toml::to_string(&config).context("writing the containerd config")
+}
+
+/// The major version of the `containerd` in `PATH` (asked once per process).
+pub fn major_version() -> Result<u32> {
+    static MAJOR: OnceLock<Result<u32, String>> = OnceLock::new();
+    let major = MAJOR.get_or_init(|| {
+        let output = Command::new("containerd")
+            .arg("--version")
+            .output()
+            .map_err(|e| format!("running containerd --version: {e}"))?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        parse_major(&text).ok_or_else(|| format!("no version in `containerd --version`: {text:?}"))
+    });
+    major.clone().map_err(anyhow::Error::msg)
+}
+
+/// `containerd github.com/containerd/containerd/v2 2.1.9+unknown` -> 2; Debian's 1.6 prints
+/// `containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3` -> 1.
+fn parse_major(version_output: &str) -> Option<u32> {
+    let version = version_output.split_whitespace().nth(2)?;
+    version
+        .trim_start_matches('v')
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// containerd 2.x pulls with `ctr` through its transfer service, which unpacks only into the
+/// (platform, snapshotter) pairs its config lists; without an entry for `shoal` a pull into it
+/// fails with "no unpack platforms defined". Listing entries replaces the built-in default, so
+/// overlayfs is listed again (as `examples/containerd/config-2.x.toml` does).
+fn transfer_unpack_config() -> Result<Table> {
+    Ok(toml::from_str(
+        r#"
+        [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+          platform = "linux"
+          snapshotter = "shoal"
+        [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+          platform = "linux"
+          snapshotter = "overlayfs"
+        "#,
+    )?)
 }
 
 /// Deep-merges `extra` into `base`: tables key by key, `disabled_plugins` joined, else `extra`
@@ -427,6 +485,16 @@ pub fn shoal_proxy_config(socket: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn major_version_comes_from_the_third_word() {
+        let debian_16 =
+            "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3";
+        assert_eq!(parse_major(debian_16), Some(1));
+        let v2 = "containerd github.com/containerd/containerd/v2 v2.1.9 0123abc\n";
+        assert_eq!(parse_major(v2), Some(2));
+        assert_eq!(parse_major("containerd"), None);
+    }
 
     #[test]
     fn extra_config_merges_into_generated_tables() -> Result<()> {

@@ -149,3 +149,80 @@ fn containerd_pulls_and_runs_on_shoal_snapshots_across_a_restart() -> Result<()>
     )?;
     Ok(())
 }
+
+/// The example config for the containerd in `PATH` (`config-1.x.toml` for 1.6/1.7,
+/// `config-2.x.toml` for 2.x), with only its paths pointed at this test's node and directory,
+/// loads Shoal's plugins and pulls and runs an image on them.
+#[test]
+fn the_example_config_pulls_and_runs_on_shoal() -> Result<()> {
+    if let Some(why) = caps::missing(&["docker-registry", "skopeo", "containerd", "ctr", "runc"]) {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let registry = Registry::start(&dir.join("registry"))?;
+    let image = ImageBuilder::new()
+        .busybox()
+        .layer([("data/one", b"from the example config\n".to_vec())])
+        .cmd(&["/bin/cat", "/data/one"])
+        .build(&dir.join("image"))?
+        .push(&registry.addr(), "test/example:latest")?;
+    let opts = NodeOptions {
+        insecure: vec![registry.addr()],
+        ..NodeOptions::default()
+    };
+    let node = Node::start(dir, "node", &opts)?;
+
+    let file = match shoal_integration::containerd::major_version()? {
+        1 => "config-1.x.toml",
+        _ => "config-2.x.toml",
+    };
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/containerd")
+        .join(file);
+    let example = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .replace("/run/shoal/shoal.sock", &node.socket.display().to_string())
+        .replace(
+            "/etc/containerd/certs.d",
+            &dir.join("certs.d").display().to_string(),
+        );
+    let containerd = Containerd::start(&dir.join("containerd"), &example)
+        .with_context(|| format!("starting containerd with {file}"))?;
+    let plugins = containerd.ctr_ok(&["plugins", "ls"])?;
+    for (kind, id) in [
+        ("io.containerd.snapshotter.v1", "shoal"),
+        ("io.containerd.content.v1", "shoal-content"),
+    ] {
+        ensure!(
+            plugins.lines().any(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                words.first() == Some(&kind)
+                    && words.get(1) == Some(&id)
+                    && words.last() == Some(&"ok")
+            }),
+            "{file}: {kind} {id} is not loaded:\n{plugins}"
+        );
+    }
+
+    containerd.ctr_ok(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "shoal",
+        &image.reference,
+    ])?;
+    let out = containerd.run_with(
+        &["--rm", "--snapshotter", "shoal"],
+        &image.reference,
+        "example-run",
+        &[],
+    )?;
+    ensure!(
+        out == "from the example config\n",
+        "{file}: container printed {out:?}"
+    );
+    Ok(())
+}
