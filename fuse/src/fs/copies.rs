@@ -42,6 +42,66 @@ const COPY_BEFORE_OPEN: u64 = 1 << 20;
 const COPY_QUEUE: usize = 64;
 /// Bytes read at a time when checking a copy found on disk.
 const CHECK_BLOCK: usize = 1 << 20;
+/// How far ahead of a sequential reader a copy's pages are asked of the disk.
+const COPY_READ_AHEAD: u64 = 16 << 20;
+
+/// A verified copy, open for reading, with a read-ahead of its own.
+///
+/// A sequential reader's requests reach the copy through several FUSE worker threads and one
+/// extra hop, which leaves the kernel's own read-ahead on the copy too little time: the copy
+/// asks for the pages ahead of such a reader itself (`POSIX_FADV_WILLNEED`, asynchronous).
+#[derive(Debug)]
+pub(super) struct LocalCopy {
+    file: File,
+    /// Where the last read ended: a read that starts there is sequential.
+    next: AtomicU64,
+    /// The pages before this offset have been asked for already.
+    advised: AtomicU64,
+}
+
+impl LocalCopy {
+    fn new(file: File) -> Self {
+        LocalCopy {
+            file,
+            next: AtomicU64::new(0),
+            advised: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Fills `buf` from `offset` of the copy, whose length is `size`.
+    pub(super) fn read_exact_at(&self, buf: &mut [u8], offset: u64, size: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)?;
+        let end = offset + buf.len() as u64;
+        let sequential = self.next.swap(end, Ordering::Relaxed) == offset;
+        let advised = self.advised.load(Ordering::Relaxed).max(end);
+        // Asked again only when less than half the window is left ahead of the reader.
+        if sequential && advised < size && advised - end < COPY_READ_AHEAD / 2 {
+            let until = end.saturating_add(COPY_READ_AHEAD).min(size);
+            self.advised.store(until, Ordering::Relaxed);
+            // Only a hint: if the kernel does not take it, reads are just slower.
+            let _ = rustix::fs::fadvise(
+                &self.file,
+                advised,
+                std::num::NonZeroU64::new(until - advised),
+                rustix::fs::Advice::WillNeed,
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether the copy's first page is in the page cache (it was read lately), asked without
+    /// reading from the disk.
+    pub(super) fn is_cached(&self) -> bool {
+        let mut byte = [0u8; 1];
+        let mut bufs = [io::IoSliceMut::new(&mut byte)];
+        rustix::io::preadv2(&self.file, &mut bufs, 0, rustix::io::ReadWriteFlags::NOWAIT)
+            .is_ok_and(|n| n == 1)
+    }
+}
 
 /// A file for the copy thread.
 #[derive(Debug)]
@@ -61,7 +121,7 @@ type Slots = Mutex<HashMap<Ino, Arc<Mutex<Slot>>>>;
 #[derive(Debug, Default)]
 struct Slot {
     /// The verified copy, open for reading.
-    copy: Option<Arc<File>>,
+    copy: Option<Arc<LocalCopy>>,
     /// Making the copy failed: this file is read through its chunks for the rest of the mount.
     failed: bool,
     /// Queued for, or being handled by, the copy thread.
@@ -75,7 +135,7 @@ impl Slot {
     fn record(&mut self, ino: Ino, made: io::Result<Option<File>>, counters: &Counters) {
         match made {
             Ok(Some(file)) => {
-                self.copy = Some(Arc::new(file));
+                self.copy = Some(Arc::new(LocalCopy::new(file)));
                 Counters::add(&counters.local_copies, 1);
             }
             Ok(None) => {}
@@ -169,7 +229,7 @@ impl Copies {
     }
 
     /// The verified copy of `ino`, if made. Cheap: called on every read.
-    pub(super) fn ready(&self, ino: Ino) -> Option<Arc<File>> {
+    pub(super) fn ready(&self, ino: Ino) -> Option<Arc<LocalCopy>> {
         let slot = lock(&self.files).get(&ino).cloned()?;
         lock(&slot).copy.clone()
     }
@@ -184,7 +244,7 @@ impl Copies {
         ino: Ino,
         node: &Node,
         wait_if_small: bool,
-    ) -> Option<Arc<File>> {
+    ) -> Option<Arc<LocalCopy>> {
         let slot = slot(&self.files, ino);
         let mut slot = lock(&slot);
         if slot.copy.is_some() || slot.failed || slot.copying || node.size == 0 {

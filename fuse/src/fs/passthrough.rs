@@ -70,7 +70,7 @@ impl Passthrough {
             let Some(copy) = copies.for_open(&*fs.data, &fs.cache, ino, node, true) else {
                 return cached(opens, reply);
             };
-            match reply.open_backing(&*copy) {
+            match reply.open_backing(copy.file()) {
                 Ok(id) => opens.backing = Some(id),
                 Err(err) => {
                     if !self.refused.swap(true, Ordering::Relaxed) {

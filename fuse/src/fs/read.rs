@@ -8,7 +8,6 @@
 //! [`ChunkCache`]: crate::cache::ChunkCache
 
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use fuser::Errno;
@@ -104,7 +103,7 @@ impl LayerFs {
             // Verified when it was made: no inflating, no hashing.
             let len = (end - offset) as usize;
             let mut buf = ReadBytes::pooled(len);
-            match copy.read_exact_at(&mut buf[..len], offset) {
+            match copy.read_exact_at(&mut buf[..len], offset, node.size) {
                 Ok(()) => return Ok(ReadBytes::Pooled(buf, len)),
                 Err(err) => {
                     warn!(path = %self.path_of(ino), %err, "the local copy reads short; reading the chunks");

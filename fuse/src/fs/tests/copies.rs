@@ -189,3 +189,72 @@ fn a_bad_copy_of_a_remote_file_is_dropped_not_fetched_whole() -> anyhow::Result<
     assert!(stats.chunk_fetches < 12, "{stats:?}");
     Ok(())
 }
+
+/// Drops the page cache of `path` (written and synced), as after a reboot or memory pressure.
+fn evict(path: &std::path::Path) -> anyhow::Result<()> {
+    let file = fs::File::open(path)?;
+    file.sync_all()?;
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed)?;
+    Ok(())
+}
+
+#[test]
+fn a_cold_copy_is_read_around_the_page_cache_and_still_runs() -> anyhow::Result<()> {
+    if !can_mount() {
+        return Ok(());
+    }
+    let (dir, copies) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (mut tree, large, large_ino, _) = two_files();
+    // An executable: the kernel maps it (a private mapping) to run it.
+    let busybox = fs::read("/bin/busybox").ok();
+    let exe = busybox
+        .as_ref()
+        .map(|bytes| tree.file(ROOT, "busybox", bytes, 256 << 10));
+    if let Some(exe) = exe {
+        tree.node(exe).mode = 0o755;
+    }
+    let (layer, source) = tree.layer(|blob| MemSource {
+        blob,
+        ..MemSource::default()
+    });
+    let opts = FsOptions {
+        copies_dir: Some(copies.path().to_path_buf()),
+        passthrough: false,
+        ..FsOptions::default()
+    };
+    let mnt = mount_fake(layer, dir.path(), opts)?;
+    let made = mnt
+        .materializer()
+        .ok_or(anyhow::anyhow!("no materializer"))?
+        .run();
+    wait_for_copies(&mnt, made as u64)?;
+    for ino in [Some(large_ino), exe].into_iter().flatten() {
+        evict(&copies.path().join(ino.to_string()))?;
+    }
+    source.fail.store(true, Ordering::SeqCst);
+    let before = mnt.stats();
+
+    assert_eq!(fs::read(mnt.mountpoint().join("large"))?, large);
+    assert_eq!(mnt.stats().direct_opens, 1, "{:?}", mnt.stats());
+    if exe.is_some() {
+        let out = std::process::Command::new(mnt.mountpoint().join("busybox"))
+            .args(["echo", "ran from a cold copy"])
+            .output()?;
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(out.stdout, b"ran from a cold copy\n");
+        assert_eq!(mnt.stats().direct_opens, 2, "{:?}", mnt.stats());
+    } else {
+        eprintln!("no /bin/busybox (busybox-static): the exec check is skipped");
+    }
+    // Read again: the copy is cached now, so this open goes through the page cache.
+    assert_eq!(fs::read(mnt.mountpoint().join("large"))?, large);
+    let stats = mnt.stats();
+    assert_eq!(
+        stats.direct_opens,
+        if exe.is_some() { 2 } else { 1 },
+        "{stats:?}"
+    );
+    assert_eq!(stats.eios, 0, "{stats:?}");
+    assert_eq!(stats.chunk_fetches, before.chunk_fetches, "{stats:?}");
+    Ok(())
+}
