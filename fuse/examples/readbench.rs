@@ -10,7 +10,8 @@
 //! cargo run --release -p shoal-fuse --example readbench -- 512 [--chunks] [--passthrough] [--threads N]
 //! ```
 //! Needs root (mount, `drop_caches`). `READ_AHEAD_KB=N` tries another FUSE read-ahead window;
-//! `FUSE_ONLY=1` skips the plain passes (for profiling the FUSE ones).
+//! `READ_KB=N` reads N KiB at a time (default 1024); `WARM=1` keeps the page cache between
+//! passes; `FUSE_ONLY=1` skips the plain passes (for profiling the FUSE ones).
 
 use std::fs::{self, File};
 use std::io::Read;
@@ -149,7 +150,8 @@ fn read_all(root: &Path, files: &[PathBuf]) -> Result<f64> {
     if std::env::var_os("WARM").is_none() {
         fs::write("/proc/sys/vm/drop_caches", "3\n")?;
     }
-    let mut buf = vec![0u8; 1 << 20];
+    let read_kb: usize = std::env::var("READ_KB").map_or(Ok(1024), |v| v.parse())?;
+    let mut buf = vec![0u8; read_kb << 10];
     let started = Instant::now();
     for name in files {
         let mut file = File::open(root.join(name))?;

@@ -44,6 +44,8 @@ const COPY_QUEUE: usize = 64;
 const CHECK_BLOCK: usize = 1 << 20;
 /// How far ahead of a sequential reader a copy's pages are asked of the disk.
 const COPY_READ_AHEAD: u64 = 16 << 20;
+/// The most read ahead in one `POSIX_FADV_WILLNEED`.
+const ADVISE_STEP: u64 = 1 << 20;
 
 /// A verified copy, open for reading, with a read-ahead of its own.
 ///
@@ -60,7 +62,7 @@ pub(super) struct LocalCopy {
 }
 
 impl LocalCopy {
-    fn new(file: File) -> Self {
+    pub(super) fn new(file: File) -> Self {
         LocalCopy {
             file,
             next: AtomicU64::new(0),
@@ -76,30 +78,26 @@ impl LocalCopy {
     pub(super) fn read_exact_at(&self, buf: &mut [u8], offset: u64, size: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)?;
         let end = offset + buf.len() as u64;
-        let sequential = self.next.swap(end, Ordering::Relaxed) == offset;
-        let advised = self.advised.load(Ordering::Relaxed).max(end);
-        // Asked again only when less than half the window is left ahead of the reader.
-        if sequential && advised < size && advised - end < COPY_READ_AHEAD / 2 {
-            let until = end.saturating_add(COPY_READ_AHEAD).min(size);
-            self.advised.store(until, Ordering::Relaxed);
+        if self.next.swap(end, Ordering::Relaxed) != offset {
+            return Ok(());
+        }
+        // Sequential: claim the part of the window nobody asked for yet (threads race here).
+        let until = end.saturating_add(COPY_READ_AHEAD).min(size);
+        let mut from = self.advised.fetch_max(until, Ordering::Relaxed).max(end);
+        while from < until {
+            // In steps the kernel takes whole: it reads at most about one read-ahead window
+            // (the device's `read_ahead_kb`, often 128 KiB) or one request's worth per call.
+            let step = (until - from).min(ADVISE_STEP);
             // Only a hint: if the kernel does not take it, reads are just slower.
             let _ = rustix::fs::fadvise(
                 &self.file,
-                advised,
-                std::num::NonZeroU64::new(until - advised),
+                from,
+                std::num::NonZeroU64::new(step),
                 rustix::fs::Advice::WillNeed,
             );
+            from += step;
         }
         Ok(())
-    }
-
-    /// Whether the copy's first page is in the page cache (it was read lately), asked without
-    /// reading from the disk.
-    pub(super) fn is_cached(&self) -> bool {
-        let mut byte = [0u8; 1];
-        let mut bufs = [io::IoSliceMut::new(&mut byte)];
-        rustix::io::preadv2(&self.file, &mut bufs, 0, rustix::io::ReadWriteFlags::NOWAIT)
-            .is_ok_and(|n| n == 1)
     }
 }
 

@@ -90,8 +90,6 @@ pub struct FsStats {
     pub cache_hits: u64,
     /// Opens answered with a passthrough backing file.
     pub passthrough_opens: u64,
-    /// Opens of a file with a local copy not in the page cache, read around the page cache.
-    pub direct_opens: u64,
     /// Files given a verified local copy (written, or found from an earlier mount and checked).
     pub local_copies: u64,
     /// Requests answered with `EIO`.
@@ -309,7 +307,6 @@ impl LayerMount {
             chunk_fetches: cache.fetches,
             cache_hits: cache.hits + cache.joined,
             passthrough_opens: load(&self.counters.passthrough_opens),
-            direct_opens: load(&self.counters.direct_opens),
             local_copies: load(&self.counters.local_copies),
             eios: load(&self.counters.eios),
         }
@@ -339,7 +336,6 @@ pub(crate) struct Counters {
     reads: AtomicU64,
     bytes: AtomicU64,
     passthrough_opens: AtomicU64,
-    direct_opens: AtomicU64,
     local_copies: AtomicU64,
     eios: AtomicU64,
 }

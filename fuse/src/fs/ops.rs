@@ -15,9 +15,9 @@ use fuser::{
 };
 use tracing::{debug, warn};
 
+use super::LayerFs;
 use super::inode::{BLOCK_SIZE, Xattr};
 use super::passthrough::PASSTHROUGH_FH;
-use super::{Counters, LayerFs};
 use crate::index::Kind;
 
 /// Longest file name, as `statfs` reports it.
@@ -26,11 +26,7 @@ const NAME_MAX: u32 = 255;
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         // Directories never change: lookups in one may run in parallel, symlinks may be cached.
-        // Direct-I/O opens (of cold local copies, see `open`) may still be mmapped (Linux 6.6+;
-        // before that, private mappings such as executables work and shared ones fail).
-        let wanted = InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
+        let wanted = InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_CACHE_SYMLINKS;
         let _ = config.add_capabilities(wanted & config.capabilities());
         if self.passthrough.is_some() {
             // Stack depth 1: copies must sit on a plain filesystem, and overlayfs may still
@@ -85,19 +81,13 @@ impl Filesystem for LayerFs {
         };
         if let Some(copies) = &self.copies
             && node.kind == Kind::File
-            // If there is no copy yet, later reads find it, made in the background.
-            && let Some(copy) = copies.for_open(&*self.data, &self.cache, ino.0, node, false)
-            && self.passthrough.is_none()
-            && !copy.is_cached()
         {
-            // A copy nobody read lately: reads go straight from the copy's pages to the
-            // reader's buffer, skipping this file's page cache (a third copy of every byte, and
-            // a second one in memory). Once the copy is cached, a later open reads through the
-            // page cache again, so files read over and over are served by the kernel alone.
-            Counters::add(&self.counters.direct_opens, 1);
-            return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+            // Later reads find the copy, made in the background.
+            copies.for_open(&*self.data, &self.cache, ino.0, node, false);
         }
-        // The bytes never change: keep the page cache across opens.
+        // The bytes never change: keep the page cache across opens. (Opening copies with
+        // FOPEN_DIRECT_IO instead saves the page cache's copy of each byte: 1 MiB reads got
+        // faster, but 4 KiB reads, stdio's, were 3x slower with a round trip each; BENCHMARKS.md.)
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
     }
 

@@ -17,7 +17,6 @@ pub(super) fn add(a: &mut FsStats, b: FsStats) {
     a.chunk_fetches += b.chunk_fetches;
     a.cache_hits += b.cache_hits;
     a.passthrough_opens += b.passthrough_opens;
-    a.direct_opens += b.direct_opens;
     a.local_copies += b.local_copies;
     a.eios += b.eios;
 }
@@ -50,11 +49,6 @@ impl Collector for Lazy {
                 "shoal_fuse_passthrough_opens",
                 "Files opened with FUSE passthrough (read by the kernel directly)",
                 stats.passthrough_opens,
-            ),
-            (
-                "shoal_fuse_direct_opens",
-                "Files opened for reads around the page cache (a local copy not cached lately)",
-                stats.direct_opens,
             ),
             (
                 "shoal_fuse_local_copies",

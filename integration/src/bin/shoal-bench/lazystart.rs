@@ -388,8 +388,6 @@ pub struct Served {
     pub chunk_fetches: f64,
     /// Opens handed to the kernel with a backing file.
     pub passthrough_opens: f64,
-    /// Opens read around the page cache (cold local copies).
-    pub direct_opens: f64,
 }
 
 impl Served {
@@ -398,7 +396,6 @@ impl Served {
             reads: node.metric("shoal_fuse_reads_total")?,
             chunk_fetches: node.metric("shoal_fuse_chunk_fetches_total")?,
             passthrough_opens: node.metric("shoal_fuse_passthrough_opens_total")?,
-            direct_opens: node.metric("shoal_fuse_direct_opens_total")?,
         })
     }
 
@@ -407,7 +404,6 @@ impl Served {
             reads: self.reads - before.reads,
             chunk_fetches: self.chunk_fetches - before.chunk_fetches,
             passthrough_opens: self.passthrough_opens - before.passthrough_opens,
-            direct_opens: self.direct_opens - before.direct_opens,
         }
     }
 }

@@ -81,7 +81,7 @@ impl Report {
         Value::Object(
             served
                 .map(|(name, s)| {
-                    let counts = json!({ "fuse_reads": s.reads, "chunk_fetches": s.chunk_fetches, "passthrough_opens": s.passthrough_opens, "direct_opens": s.direct_opens });
+                    let counts = json!({ "fuse_reads": s.reads, "chunk_fetches": s.chunk_fetches, "passthrough_opens": s.passthrough_opens });
                     (name.to_string(), counts)
                 })
                 .collect(),
@@ -214,8 +214,8 @@ impl Report {
             .zip(&self.served)
         {
             println!(
-                "  {name:<26} {:>8.0} FUSE reads {:>8.0} chunks inflated {:>6.0} passthrough opens {:>6.0} direct opens",
-                s.reads, s.chunk_fetches, s.passthrough_opens, s.direct_opens
+                "  {name:<26} {:>8.0} FUSE reads {:>8.0} chunks inflated {:>6.0} passthrough opens",
+                s.reads, s.chunk_fetches, s.passthrough_opens
             );
         }
         let met = |ok: bool| if ok { "met" } else { "MISSED" };
