@@ -37,6 +37,19 @@ pub(super) struct Entry {
     state: Mutex<EntryState>,
     /// Bumped whenever a piece lands or the state changes.
     pub(super) changed: watch::Sender<u64>,
+    /// The whole-blob hash of the pieces present from the start on (see [`PrefixHash`]).
+    prefix: Mutex<PrefixHash>,
+}
+
+/// The blob's sha256 over its first `pieces` pieces, carried on as pieces arrive, so that the
+/// digest check when the last one lands reads only what lies past the first missing piece, not
+/// the whole blob. Readers stream blobs in order and ask for their next pieces first, so the
+/// last piece to arrive is usually the first one missing, a few pieces from the end; hashing
+/// the whole blob at that moment took seconds when many nodes finished together.
+#[derive(Debug, Default)]
+struct PrefixHash {
+    pieces: u32,
+    hasher: Hasher,
 }
 
 #[derive(Debug)]
@@ -215,7 +228,37 @@ impl Entry {
                 status: BlobState::Partial,
             }),
             changed: watch::channel(0).0,
+            prefix: Mutex::new(PrefixHash::default()),
         }
+    }
+
+    /// Carries the prefix hash over the pieces now present after it. Skipped when another
+    /// thread is at it (it goes on while there are more); what it leaves is hashed by the
+    /// digest check. Blocking.
+    pub(super) fn advance_prefix(&self) {
+        let Ok(mut prefix) = self.prefix.try_lock() else {
+            return;
+        };
+        let count = self.layout.pieces_for(0..self.size).end;
+        while prefix.pieces < count && self.lock().have.get(prefix.pieces) {
+            let range = self.layout.piece_range(prefix.pieces);
+            if let Err(e) = hash_range(&self.file, range, &mut prefix.hasher) {
+                // The hasher may hold part of a piece: the digest check starts over.
+                debug!(digest = %self.digest, error = %e, "hashing the blob's prefix");
+                *prefix = PrefixHash::default();
+                return;
+            }
+            prefix.pieces += 1;
+        }
+    }
+
+    /// The sha256 of the data file: the prefix hash carried on to its end. Blocking.
+    fn file_digest(&self) -> std::io::Result<Digest> {
+        let mut prefix = self.prefix.lock().unwrap_or_else(|p| p.into_inner());
+        let PrefixHash { pieces, mut hasher } = std::mem::take(&mut *prefix);
+        let start = self.layout.piece_range(pieces).start.min(self.size);
+        hash_range(&self.file, start..self.size, &mut hasher)?;
+        Ok(hasher.finish())
     }
 
     pub(super) fn size(&self) -> u64 {
@@ -304,6 +347,19 @@ fn open_existing(path: &Path) -> Result<(File, u64)> {
 /// Bytes read at a time when hashing a whole file: pieces can be 16 MiB, and a blob completes
 /// while its pieces are still being served.
 const HASH_BLOCK: usize = 64 << 10;
+
+/// Feeds bytes `range` of `file` to `hasher`, a block at a time.
+fn hash_range(file: &File, range: Range<u64>, hasher: &mut Hasher) -> std::io::Result<()> {
+    let mut buf = vec![0u8; (range.end - range.start).min(HASH_BLOCK as u64) as usize];
+    let mut pos = range.start;
+    while pos < range.end {
+        let block = &mut buf[..(range.end - pos).min(HASH_BLOCK as u64) as usize];
+        file.read_exact_at(block, pos)?;
+        hasher.update(block);
+        pos += block.len() as u64;
+    }
+    Ok(())
+}
 
 /// Hashes a whole file, piece by piece and as a whole, checking it against `digest`.
 fn hash_file(file: &File, digest: Digest, size: u64, path: &Path) -> Result<Metainfo> {
@@ -440,12 +496,28 @@ impl Blob {
         Ok(st.meta.merge(other)?)
     }
 
-    /// Every piece is present: check the whole blob and move it into `blobs/`.
-    pub(super) fn finish(&self) -> Result<()> {
+    /// Every piece but `last` is present, and `last` is written, synced and still claimed:
+    /// check the whole blob against its digest, and only then make `last` visible and move the
+    /// blob into `blobs/`. Until then no reader or peer can see the last piece, so nothing
+    /// reads all of a blob that fails its digest.
+    pub(super) fn finish(&self, last: u32) -> Result<()> {
         let digest = self.entry.digest;
         let root = self.store.root().to_owned();
         let dir = partial_dir(&root, &digest);
-        let checked = hash_file(&self.entry.file, digest, self.entry.size, &dir.join("data"));
+        let path = dir.join("data");
+        let known = self.entry.lock().meta.clone();
+        // Every piece's hash was checked against (or, from upstream, made from) its bytes as
+        // they were written, so with the digest matching, the known hashes are the file's.
+        // After a restart, the hashes of pieces journaled before it are not known: make them.
+        let checked = if known.is_complete() {
+            match self.entry.file_digest() {
+                Ok(actual) if actual == digest => Ok(known),
+                Ok(actual) => Err(StoreError::DigestMismatch { digest, actual }),
+                Err(e) => Err(StoreError::io("reading", &path)(e)),
+            }
+        } else {
+            hash_file(&self.entry.file, digest, self.entry.size, &path)
+        };
         let meta = match checked {
             Ok(meta) => meta,
             Err(e) => {
@@ -463,6 +535,7 @@ impl Blob {
         fs::remove_dir_all(&dir).map_err(StoreError::io("removing", &dir))?;
         {
             let mut st = self.entry.lock();
+            st.have.set(last);
             st.status = BlobState::Complete;
             st.journal = None;
             st.meta = meta;

@@ -206,12 +206,29 @@ impl PieceWriter {
             .sync_data()
             .map_err(StoreError::io("syncing", Path::new("<blob data>")));
         let mut st = entry.lock();
-        st.writing.clear(index);
-        self.claimed = false;
-        synced?;
-        if st.status != BlobState::Partial || !st.have.set(index) {
+        if let Err(e) = synced {
+            st.writing.clear(index);
+            self.claimed = false;
+            return Err(e);
+        }
+        if st.status != BlobState::Partial || st.have.get(index) {
+            st.writing.clear(index);
+            self.claimed = false;
             return Ok(PieceWrite::Duplicate);
         }
+        if st.have.count() + 1 == st.have.len() {
+            // The last piece: it stays claimed and unseen until the whole blob has matched its
+            // digest. Piece hashes of bytes fetched upstream were computed from those bytes, so
+            // only the digest vouches for them, and a stream of the blob (the mirror's) must
+            // never complete with bytes that fail it.
+            drop(st);
+            let finished = self.blob.finish(index);
+            self.release();
+            return finished.map(|()| PieceWrite::Added);
+        }
+        st.writing.clear(index);
+        self.claimed = false;
+        st.have.set(index);
         if let Some(journal) = st.journal.as_mut() {
             let res = journal
                 .write_all(&index.to_le_bytes())
@@ -225,17 +242,9 @@ impl PieceWriter {
                 });
             }
         }
-        let complete = st.have.is_full();
         drop(st);
-        // Readers wait for the last piece until the whole blob has matched its digest: piece
-        // hashes of bytes fetched upstream were computed from those bytes, so only the digest
-        // vouches for them, and a stream of the blob (the mirror's) must never complete with
-        // bytes that fail it.
-        if complete {
-            self.blob.finish()?;
-        } else {
-            entry.changed.send_modify(|g| *g += 1);
-        }
+        entry.changed.send_modify(|g| *g += 1);
+        entry.advance_prefix();
         Ok(PieceWrite::Added)
     }
 

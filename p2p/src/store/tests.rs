@@ -219,6 +219,64 @@ fn blob_failing_its_digest_is_discarded() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn the_digest_check_covers_pieces_hashed_as_they_arrived() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path(), u64::MAX)?;
+    let data = blob_bytes((4 << 20) + 7, 6);
+    let digest = Digest::of(&data);
+    let layout = Metainfo::empty(digest, data.len() as u64)?;
+    // In order, as a streaming reader gets them: the first pieces are hashed into the blob's
+    // digest as they land, and a bad one among them (upstream bytes define their own piece
+    // hash) must still fail the blob when its last piece arrives.
+    let good = store.open_blob(&layout)?;
+    let bad = {
+        let dir = tempfile::tempdir()?;
+        let store = open(dir.path(), u64::MAX)?;
+        let bad = store.open_blob(&layout)?;
+        let mut wrong = piece(&layout, &data, 0).to_vec();
+        wrong[3] ^= 0x40;
+        bad.write_piece(0, &wrong, true)?;
+        for i in 1..4 {
+            bad.write_piece(i, piece(&layout, &data, i), true)?;
+        }
+        let last = layout.piece_range(4);
+        let waiter = tokio::spawn({
+            let bad = bad.clone();
+            async move { bad.wait_range(last).await }
+        });
+        let res = bad.write_piece(4, piece(&layout, &data, 4), true);
+        assert!(
+            matches!(res, Err(StoreError::DigestMismatch { .. })),
+            "{res:?}"
+        );
+        assert!(!bad.has_piece(4), "the last piece was never visible");
+        let read = tokio::time::timeout(Duration::from_secs(5), waiter).await??;
+        assert!(
+            matches!(read, Err(StoreError::Discarded { .. })),
+            "{read:?}"
+        );
+        bad.state()
+    };
+    assert_eq!(bad, BlobState::Discarded);
+    // The same pieces, right, and the last one in the middle: the check carries the prefix
+    // hash on from there.
+    for i in [0, 1, 3, 4] {
+        good.write_piece(i, piece(&layout, &data, i), true)?;
+    }
+    assert!(!good.has_piece(2));
+    assert_eq!(
+        good.write_piece(2, piece(&layout, &data, 2), true)?,
+        PieceWrite::Added
+    );
+    assert!(good.is_complete());
+    assert_eq!(good.metainfo(), Metainfo::of_bytes(digest, &data)?);
+    let mut all = vec![0u8; data.len()];
+    good.read_at(0, &mut all)?;
+    assert_eq!(all, data);
+    Ok(())
+}
+
+#[tokio::test]
 async fn readers_wait_for_their_range() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = open(dir.path(), u64::MAX)?;

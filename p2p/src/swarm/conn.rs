@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, trace};
 
 use super::SwarmCtx;
 use super::sink::PieceSink;
@@ -138,24 +138,25 @@ impl PieceCounts {
 /// drains it), keeping the torrent-wide `uploading` counts in step.
 #[derive(Debug)]
 struct Uploads {
-    queue: Mutex<VecDeque<u32>>,
+    /// Requested pieces, with when they were asked for.
+    queue: Mutex<VecDeque<(u32, Instant)>>,
     ready: Notify,
     counts: Arc<PieceCounts>,
 }
 
 impl Uploads {
-    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<u32>> {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<(u32, Instant)>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn push(&self, index: u32) {
-        self.queue().push_back(index);
+        self.queue().push_back((index, Instant::now()));
         PieceCounts::add(&self.counts.uploading, index, 1);
         self.counts.uploads.fetch_add(1, Ordering::Relaxed);
         self.ready.notify_one();
     }
 
-    fn pop(&self) -> Option<u32> {
+    fn pop(&self) -> Option<(u32, Instant)> {
         self.queue().pop_front()
     }
 
@@ -171,14 +172,14 @@ impl Uploads {
     fn cancel(&self, index: u32) {
         let mut queue = self.queue();
         let before = queue.len();
-        queue.retain(|&i| i != index);
+        queue.retain(|&(i, _)| i != index);
         for _ in queue.len()..before {
             self.done(index);
         }
     }
 
-    /// Whether to turn a request for `index` away (see the module docs).
-    fn should_reject(&self, index: u32, have: bool) -> bool {
+    /// Why to turn a request for `index` away, if we should (see the module docs).
+    fn should_reject(&self, index: u32, have: bool) -> Option<&'static str> {
         let queued = self.queue().len();
         // Two other holders, not one: the one may be turning requests away too (both
         // back-sourcers fetched the piece, or both are busy), and two peers that each count on
@@ -191,13 +192,23 @@ impl Uploads {
         let busy = queued >= BUSY_QUEUE
             || (self.counts.busy_uploads > 0
                 && self.counts.uploads.load(Ordering::Relaxed) >= self.counts.busy_uploads);
-        !have || (!elsewhere && sending) || (elsewhere && (source || busy))
+        if !have {
+            Some("missing")
+        } else if !elsewhere && sending {
+            Some("sending")
+        } else if elsewhere && source {
+            Some("backsourcing")
+        } else if elsewhere && busy {
+            Some("busy")
+        } else {
+            None
+        }
     }
 }
 
 impl Drop for Uploads {
     fn drop(&mut self) {
-        let left: Vec<u32> = self.queue().drain(..).collect();
+        let left: Vec<u32> = self.queue().drain(..).map(|(i, _)| i).collect();
         for index in left {
             self.done(index);
         }
@@ -260,6 +271,7 @@ impl Conn {
         let asked = Arc::new(Asked::default());
         let writer = tokio::spawn(
             Writer {
+                peer_id: self.peer_id,
                 sink,
                 uploads: uploads.clone(),
                 asked: asked.clone(),
@@ -269,6 +281,7 @@ impl Conn {
             .run(self.outbox, self.cancel.clone()),
         );
         let reader = Reader {
+            peer_id: self.peer_id,
             events: &self.events,
             conn: self.id,
             reply: &self.reply,
@@ -297,6 +310,7 @@ impl Conn {
 type Stream = futures::stream::SplitStream<Transport>;
 
 struct Reader<'a> {
+    peer_id: PeerId,
     events: &'a mpsc::Sender<Event>,
     conn: u64,
     reply: &'a mpsc::Sender<Message>,
@@ -321,10 +335,11 @@ impl Reader<'_> {
                     if self.uploads.queue().len() >= MAX_QUEUED {
                         return format!("peer queued more than {MAX_QUEUED} requests");
                     }
-                    if self
+                    if let Some(why) = self
                         .uploads
                         .should_reject(index, self.blob.has_piece(index))
                     {
+                        trace!(index, peer = ?self.peer_id, why, "request refused");
                         if self.reply.send(Message::Reject(index)).await.is_err() {
                             return "writer gone".into();
                         }
@@ -427,6 +442,7 @@ impl Reader<'_> {
 
 /// Sends our messages and the pieces the peer asked for.
 struct Writer {
+    peer_id: PeerId,
     sink: futures::stream::SplitSink<Transport, Message>,
     uploads: Arc<Uploads>,
     asked: Arc<Asked>,
@@ -449,12 +465,20 @@ impl Writer {
                     None => break,
                 },
                 () = self.uploads.ready.notified(), if self.uploads.queue().is_empty() => continue,
-                Some(index) = async { self.uploads.pop() } => {
+                Some((index, asked)) = async { self.uploads.pop() } => {
                     // A node-wide cap on pieces being sent keeps each upload fast rather than
                     // many slow.
                     let slot = self.ctx.upload_slots.clone().acquire_owned().await.ok();
+                    let start = Instant::now();
                     let sent = self.upload(index).await;
                     drop(slot);
+                    trace!(
+                        index,
+                        peer = ?self.peer_id,
+                        waited_ms = (start - asked).as_millis() as u64,
+                        sent_ms = start.elapsed().as_millis() as u64,
+                        "piece uploaded"
+                    );
                     self.uploads.done(index);
                     sent
                 }

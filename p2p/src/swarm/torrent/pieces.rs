@@ -21,7 +21,10 @@ impl Torrent {
             s.request_done(index);
         }
         match piece {
-            Some(Ok(piece)) => self.write(piece, from),
+            Some(Ok(piece)) => {
+                trace!(index, from = %peer.addr, "piece received");
+                self.write(piece, from)
+            }
             Some(Err(e)) => self.on_written(index, from, None, Err(e)),
             None => {
                 self.ctx.metrics.pieces_wasted.inc();
@@ -39,7 +42,13 @@ impl Torrent {
         let tx = self.events_tx.clone();
         self.ctx.tasks.spawn(async move {
             let (piece, result) = tokio::task::spawn_blocking(move || {
+                let start = Instant::now();
                 let result = piece.commit(from.is_none());
+                trace!(
+                    index,
+                    ms = start.elapsed().as_millis() as u64,
+                    "piece committed"
+                );
                 (Some(piece), result)
             })
             .await
