@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,19 +43,28 @@ const COPY_BEFORE_OPEN: u64 = 1 << 20;
 const COPY_QUEUE: usize = 64;
 /// Bytes read at a time when checking a copy found on disk.
 const CHECK_BLOCK: usize = 1 << 20;
+/// Alignment of reads of a copy opened with `O_DIRECT`.
+pub(super) const DIRECT_ALIGN: usize = 4096;
 /// How far ahead of a sequential reader a copy's pages are asked of the disk.
 const COPY_READ_AHEAD: u64 = 16 << 20;
 /// The most read ahead in one `POSIX_FADV_WILLNEED`.
 const ADVISE_STEP: u64 = 1 << 20;
 
-/// A verified copy, open for reading, with a read-ahead of its own.
+/// A verified copy, open for reading.
 ///
-/// A sequential reader's requests reach the copy through several FUSE worker threads and one
-/// extra hop, which leaves the kernel's own read-ahead on the copy too little time: the copy
-/// asks for the pages ahead of such a reader itself (`POSIX_FADV_WILLNEED`, asynchronous).
+/// Reads through FUSE fill the FUSE file's page cache, which keeps the bytes for every later
+/// read: going through the copy's page cache as well would hold each byte twice in memory and
+/// copy it once more. So the copy is read with `O_DIRECT` where the filesystem allows it: the
+/// disk's bytes land in the reply buffer directly. Requests the kernel sends for cached files
+/// are page-aligned; any other (and any filesystem without `O_DIRECT`) reads buffered, and then
+/// a sequential reader gets a read-ahead of its own: its requests reach the copy through
+/// several FUSE worker threads and one extra hop, which leaves the kernel's read-ahead on the
+/// copy too little time, so the copy asks for the pages ahead (`POSIX_FADV_WILLNEED`).
 #[derive(Debug)]
 pub(super) struct LocalCopy {
     file: File,
+    /// The same file opened with `O_DIRECT`, if the filesystem takes it.
+    direct: Option<File>,
     /// Where the last read ended: a read that starts there is sequential.
     next: AtomicU64,
     /// The pages before this offset have been asked for already.
@@ -63,8 +73,16 @@ pub(super) struct LocalCopy {
 
 impl LocalCopy {
     pub(super) fn new(file: File) -> Self {
+        // The same inode again (the checked one, whatever the name points to now), for reads
+        // around its page cache. Not every filesystem offers O_DIRECT; without it, buffered.
+        let direct = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .ok();
         LocalCopy {
             file,
+            direct,
             next: AtomicU64::new(0),
             advised: AtomicU64::new(0),
         }
@@ -72,6 +90,26 @@ impl LocalCopy {
 
     pub(super) fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Reads `len` bytes at `offset` of the copy (whose length is `size`) into `buf`, which
+    /// must be at least `len + 2 * DIRECT_ALIGN` long; returns where in `buf` they start.
+    pub(super) fn read_into(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        len: usize,
+        size: u64,
+    ) -> io::Result<usize> {
+        if let Some(direct) = &self.direct
+            && offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && let Ok(start) = read_direct(direct, buf, offset, len)
+        {
+            return Ok(start);
+        }
+        // Also after a failed direct read: a device may refuse its alignment.
+        self.read_exact_at(&mut buf[..len], offset, size)?;
+        Ok(0)
     }
 
     /// Fills `buf` from `offset` of the copy, whose length is `size`.
@@ -99,6 +137,25 @@ impl LocalCopy {
         }
         Ok(())
     }
+}
+
+/// `len` bytes at `offset` (aligned) of `direct`, an `O_DIRECT` file, into an aligned part of
+/// `buf`; returns where they start. Reads whole aligned blocks, so it may read past `len`.
+fn read_direct(direct: &File, buf: &mut [u8], offset: u64, len: usize) -> io::Result<usize> {
+    let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    let want = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    let target = buf
+        .get_mut(start..start + want)
+        .ok_or_else(|| io::Error::other("read buffer too small for an aligned read"))?;
+    let mut got = 0;
+    while got < len {
+        // After a short read, `got` is a whole number of blocks unless the file ended.
+        match direct.read_at(&mut target[got..], offset + got as u64)? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
+        }
+    }
+    Ok(start)
 }
 
 /// A file for the copy thread.

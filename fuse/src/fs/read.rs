@@ -13,6 +13,7 @@ use std::sync::Arc;
 use fuser::Errno;
 use tracing::warn;
 
+use super::copies::DIRECT_ALIGN;
 use super::readahead::fetch_chunk;
 use super::{BoxError, Counters, LayerFs};
 use crate::cache::{ChunkKey, FetchError};
@@ -25,8 +26,8 @@ use crate::index::{Chunk, Ino, Kind};
 pub(super) enum ReadBytes {
     Chunk(Arc<Vec<u8>>, Range<usize>),
     Assembled(Vec<u8>),
-    /// The first `len` bytes of this thread's read buffer, given back when dropped.
-    Pooled(Vec<u8>, usize),
+    /// `len` bytes from `start` of this thread's read buffer, given back when dropped.
+    Pooled(Vec<u8>, usize, usize),
 }
 
 /// Largest read buffer a session thread keeps between reads (the kernel asks for at most
@@ -52,7 +53,7 @@ impl ReadBytes {
 
 impl Drop for ReadBytes {
     fn drop(&mut self) {
-        if let ReadBytes::Pooled(buf, _) = self
+        if let ReadBytes::Pooled(buf, ..) = self
             && buf.len() <= POOLED_MAX
         {
             let buf = std::mem::take(buf);
@@ -68,7 +69,7 @@ impl std::ops::Deref for ReadBytes {
         match self {
             ReadBytes::Chunk(chunk, range) => &chunk[range.clone()],
             ReadBytes::Assembled(bytes) => bytes,
-            ReadBytes::Pooled(buf, len) => &buf[..*len],
+            ReadBytes::Pooled(buf, start, len) => &buf[*start..*start + *len],
         }
     }
 }
@@ -102,9 +103,9 @@ impl LayerFs {
         {
             // Verified when it was made: no inflating, no hashing.
             let len = (end - offset) as usize;
-            let mut buf = ReadBytes::pooled(len);
-            match copy.read_exact_at(&mut buf[..len], offset, node.size) {
-                Ok(()) => return Ok(ReadBytes::Pooled(buf, len)),
+            let mut buf = ReadBytes::pooled(len + 2 * DIRECT_ALIGN);
+            match copy.read_into(&mut buf, offset, len, node.size) {
+                Ok(start) => return Ok(ReadBytes::Pooled(buf, start, len)),
                 Err(err) => {
                     warn!(path = %self.path_of(ino), %err, "the local copy reads short; reading the chunks");
                     copies.discard(ino);

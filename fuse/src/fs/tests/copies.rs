@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::fs::copies::LocalCopy;
+use crate::fs::copies::{DIRECT_ALIGN, LocalCopy};
 use crate::index::ROOT;
 
 /// Waits until the mount has given `n` files their copy.
@@ -241,5 +241,43 @@ fn a_sequential_reader_of_a_copy_gets_read_ahead_and_a_random_one_does_not() -> 
         "a random read was read ahead: {grown} bytes"
     );
     assert_eq!(buf, bytes[40 << 20..41 << 20]);
+    Ok(())
+}
+
+#[test]
+fn a_copy_is_read_around_its_page_cache_with_the_same_bytes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR"))?;
+    let path = dir.path().join("copy");
+    // Not a whole number of pages: the last read ends inside a block.
+    let size = (3 << 20) + 123;
+    let bytes = pattern(size, 9);
+    fs::write(&path, &bytes)?;
+    let file = fs::File::open(&path)?;
+    file.sync_all()?;
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed)?;
+    let copy = LocalCopy::new(file);
+    let mut buf = vec![0u8; (1 << 20) + 2 * DIRECT_ALIGN];
+    let mut read = |offset: usize, len: usize| -> anyhow::Result<Vec<u8>> {
+        let start = copy.read_into(&mut buf, offset as u64, len, size as u64)?;
+        Ok(buf[start..start + len].to_vec())
+    };
+    // Page-aligned, as the kernel asks for cached files; the tail; and an unaligned read.
+    for (offset, len) in [
+        (0, 1 << 20),
+        (1 << 20, 128 << 10),
+        (3 << 20, 123),
+        (4097, 5000),
+    ] {
+        assert_eq!(
+            read(offset, len)?,
+            bytes[offset..offset + len],
+            "{offset}+{len}"
+        );
+    }
+    // The aligned reads went around the copy's page cache (where the filesystem allows it):
+    // only the unaligned one, a page or two, was cached.
+    if let Some(cached) = resident(&path) {
+        assert!(cached <= 3 << 12, "{cached} bytes of the copy cached");
+    }
     Ok(())
 }
