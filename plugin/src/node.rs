@@ -13,7 +13,7 @@ use shoal_p2p::upstream::Upstream;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::content::{self, ContentConfig, ContentStore};
@@ -62,6 +62,22 @@ async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, NodeError> 
         })
 }
 
+/// Raises the soft limit on open files to the hard one, as Go programs (containerd among them)
+/// do at start: a node holds a descriptor per peer connection and per blob it serves, and two
+/// per local copy of a lazy layer's files, so the usual soft limit of 1024 runs out on an image
+/// with a few hundred files.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => debug!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => warn!(soft, hard, error = %e, "could not raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not read the open files limit"),
+    }
+}
+
 /// Runs a node (or, with `seed`, a seed) until `shutdown`.
 pub async fn run(
     mut cfg: Config,
@@ -69,6 +85,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
     cfg.p2p.seed = seed;
+    raise_open_files_limit();
     let store = BlobStore::open(&StoreConfig {
         root: cfg.node.root.join("store"),
         capacity: cfg.node.store_capacity_mib.saturating_mul(1 << 20),
@@ -178,4 +195,22 @@ fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
     let listener = UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() -> nix::Result<()> {
+        // nextest runs each test in its own process: this limit is this test's alone.
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+        if hard <= 256 {
+            return Ok(());
+        }
+        setrlimit(Resource::RLIMIT_NOFILE, 256, hard)?;
+        super::raise_open_files_limit();
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE)?, (hard, hard));
+        Ok(())
+    }
 }
