@@ -50,9 +50,20 @@ pub fn drop_caches() -> Result<()> {
 pub fn measure(root: &Path, workload: &Workload, args: &Args) -> Result<(Timed, Timed)> {
     let big = workload.big_files();
     let (mut all, mut random) = (Vec::new(), Vec::new());
-    for _ in 0..args.repeat.max(1) {
-        all.push(read_all(root, &workload.files)?);
-        random.push(random_reads(root, &big, args.random_reads)?);
+    for pass in 1..=args.repeat.max(1) {
+        let (whole, some) = (
+            read_all(root, &workload.files)?,
+            random_reads(root, &big, args.random_reads)?,
+        );
+        // Single passes, to show how far they spread around the median.
+        eprintln!(
+            "   pass {pass}: whole layer {:.3} s, random reads {:.3} s ({})",
+            whole.secs,
+            some.secs,
+            root.display()
+        );
+        all.push(whole);
+        random.push(some);
     }
     Ok((median(all), median(random)))
 }
