@@ -65,6 +65,10 @@ pub(super) struct LocalCopy {
     file: File,
     /// The same file opened with `O_DIRECT`, if the filesystem takes it.
     direct: Option<File>,
+    /// Set once a direct read was refused as invalid (the device wants another alignment,
+    /// or the filesystem opens with `O_DIRECT` but cannot read so): buffered from then on,
+    /// instead of a failing system call before every read.
+    direct_refused: AtomicBool,
     /// Where the last read ended: a read that starts there is sequential.
     next: AtomicU64,
     /// The pages before this offset have been asked for already.
@@ -83,6 +87,7 @@ impl LocalCopy {
         LocalCopy {
             file,
             direct,
+            direct_refused: AtomicBool::new(false),
             next: AtomicU64::new(0),
             advised: AtomicU64::new(0),
         }
@@ -103,11 +108,17 @@ impl LocalCopy {
     ) -> io::Result<usize> {
         if let Some(direct) = &self.direct
             && offset.is_multiple_of(DIRECT_ALIGN as u64)
-            && let Ok(start) = read_direct(direct, buf, offset, len)
+            && !self.direct_refused.load(Ordering::Relaxed)
         {
-            return Ok(start);
+            match read_direct(direct, buf, offset, len) {
+                Ok(start) => return Ok(start),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct_refused.store(true, Ordering::Relaxed);
+                }
+                // Other errors: the buffered read below says whether the copy is readable.
+                Err(_) => {}
+            }
         }
-        // Also after a failed direct read: a device may refuse its alignment.
         self.read_exact_at(&mut buf[..len], offset, size)?;
         Ok(0)
     }
